@@ -1,0 +1,47 @@
+"""The backbone contract shared by every backbone family."""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How images must look when they reach an image backbone (what its weights were trained on)."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImagePreprocessing":
+        return cls(
+            crop_size=int(data["crop_size"]),
+            resize_size=int(data["resize_size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=str(data["interpolation"]),
+        )
+
+
+class Backbone(nn.Module):
+    """A feature extractor: `forward(inputs)` returns pooled features of shape [B, num_features].
+
+    Subclasses set `num_features` in `__init__`, return their preprocessing from `preprocessing()`,
+    and say in `offline_init_args()` how to rebuild the same architecture without downloading
+    anything (a checkpoint restores the weights afterwards).
+    """
+
+    num_features: int
+
+    def preprocessing(self) -> Any:
+        raise NotImplementedError
+
+    def offline_init_args(self) -> dict[str, Any]:
+        raise NotImplementedError

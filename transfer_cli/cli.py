@@ -1,0 +1,201 @@
+"""The `transfer` LightningCLI: Lightning's subcommands and hooks, with checkpoints that describe
+themselves, recipes by name, and stdout kept for data."""
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import rich
+import torch
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
+from transfer_cli.errors import ConfigError
+from transfer_cli.finetuning import BackboneFinetuning
+from transfer_cli.progress import print_metrics, progress_bar
+from transfer_cli.recipes import resolve_config_args
+from transfer_cli.writer import PredictionWriter
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CKPT_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+class TransferCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        self._checkpoint: dict[str, Any] | None = None
+        super().__init__(
+            model_class=LightningModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            # Resuming writes into the run directory it resumes, whose config.yaml is the same run's.
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs", "name": "transfer"},
+                }
+            },
+            seed_everything_default=42,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "transfer"},
+            args=args,
+            run=run,
+        )
+
+    # Parser -----------------------------------------------------------------------------------
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(BackboneFinetuning, "finetuning")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val_acc",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{val_acc:.4f}",
+            }
+        )
+        # The data states the classes once; the head is sized from them.
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in CKPT_SUBCOMMANDS:
+            parser.add_argument(
+                "--ckpt",
+                type=str | None,
+                default=None,
+                help="A checkpoint written by `transfer fit`: its model, classes and preprocessing are used.",
+            )
+        if subcommand in ("validate", "test"):
+            parser.set_defaults({"verbose": False})  # Lightning's result table would go to stdout
+        if subcommand == "predict":
+            parser.add_argument(
+                "--input", type=str | None, default=None, help="Image/text file, folder, or - for stdin."
+            )
+            parser.add_argument(
+                "--output", type=str | None, default=None, help="A .jsonl or .csv file (default: stdout)."
+            )
+            parser.add_argument("--topk", type=int, default=3, help="Number of top classes in each row.")
+            parser.set_defaults({"return_predictions": False})
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        args = list(sys.argv[1:] if args is None else args)
+        args = resolve_config_args(args)
+        args = self._with_checkpoint_config(args)
+        self.config = parser.parse_args(args)
+
+    def _with_checkpoint_config(self, args: list[str]) -> list[str]:
+        """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
+        subcommand = next((a for a in args if a in SUBCOMMANDS), None)
+        ckpt = _option_value(args, "--ckpt")
+        if subcommand not in CKPT_SUBCOMMANDS or ckpt is None:
+            return args
+        self._checkpoint = read_checkpoint(ckpt)
+        config = config_from_checkpoint(self._checkpoint, keep_data_root=subcommand != "predict")
+        at = args.index(subcommand) + 1
+        return [*args[:at], "--config", yaml.safe_dump(config), *args[at:]]
+
+    # Hooks ------------------------------------------------------------------------------------
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if self.subcommand == "predict":
+            if config.get("ckpt") is None:
+                raise ConfigError("transfer predict needs --ckpt: a checkpoint written by `transfer fit`.")
+            if config.get("input") is None:
+                raise ConfigError("transfer predict needs --input: an image, a folder, a text file, or - for stdin.")
+            config.data.init_args.predict_input = config.input
+        if self.subcommand != "fit":
+            # Only training makes a run directory; evaluating or predicting leaves no files behind.
+            config.trainer.logger = False
+            self.save_config_callback = None
+        if config.trainer.precision is None:
+            config.trainer.precision = _default_precision(config.trainer.accelerator)
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            config.ckpt_path = _resolve_last(config.trainer.logger)
+
+    def after_instantiate_classes(self) -> None:
+        self.datamodule.connect(self.model.backbone)
+        if self._checkpoint is not None:
+            load_weights(self.model, self._checkpoint, self.config[self.subcommand].ckpt)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config[self.subcommand]
+        dump = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        callbacks.append(CheckpointMetadata(dump["model"], dump["data"]))
+        if config.trainer.enable_progress_bar is not False and not _has_progress_bar(config.trainer.callbacks):
+            # Given at construction, so Lightning does not add its own bar writing to stdout.
+            callbacks.append(progress_bar())
+        if self.subcommand == "predict":
+            callbacks.append(PredictionWriter(output=config.output, topk=config.topk))
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return self._instantiate_trainer(trainer_config, callbacks)
+
+    def after_fit(self) -> None:
+        print_metrics("fit", _epoch_metrics(self.trainer))
+        best = self.trainer.checkpoint_callback
+        if best is not None and best.last_model_path:
+            print(f"checkpoints: {Path(best.last_model_path).parent}", file=sys.stderr)
+
+    def after_validate(self) -> None:
+        print_metrics("validate", _epoch_metrics(self.trainer))
+
+    def after_test(self) -> None:
+        print_metrics("test", _epoch_metrics(self.trainer))
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+    return None
+
+
+def _has_progress_bar(callbacks: Any) -> bool:
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return any(isinstance(c, ProgressBar) for c in callbacks if c is not None)
+
+
+def _default_precision(accelerator: Any) -> str:
+    """bf16 mixed precision where the accelerator has it, full precision elsewhere."""
+    wants_cuda = str(accelerator) in ("auto", "gpu", "cuda")
+    if wants_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _resolve_last(logger: Any) -> str:
+    """`--ckpt_path last`: the newest last.ckpt among this recipe's earlier runs."""
+    init_args = getattr(logger, "init_args", None) or {}
+    root = Path(init_args.get("save_dir", "runs")) / str(init_args.get("name", "transfer"))
+    found = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to resume from.")
+    return str(found[-1])
+
+
+def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
+    return {k: v for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+
+
+def run(args: list[str] | None = None) -> None:
+    # stdout is for data: Lightning's rich model summary prints through rich's global console.
+    rich.reconfigure(stderr=True)
+    for message in (
+        r".*module\(s\) in eval mode.*",
+        r".*LeafSpec.*is deprecated.*",
+        r".*smaller than the logging interval.*",
+    ):
+        # Expected with a frozen backbone / a short run; noise for users.
+        warnings.filterwarnings("ignore", message=message)
+    TransferCLI(args=args)

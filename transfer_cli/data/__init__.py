@@ -1,0 +1,6 @@
+"""Datamodules. Each one states the class names once; the model's head is sized from them."""
+
+from transfer_cli.data.cifar10 import CIFAR10DataModule
+from transfer_cli.data.image_folder import ImageFolderDataModule
+
+__all__ = ["CIFAR10DataModule", "ImageFolderDataModule"]

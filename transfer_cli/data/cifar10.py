@@ -1,0 +1,181 @@
+"""CIFAR-10 from the original `cifar-10-batches-py` pickle files, read by our own safe loader."""
+
+import hashlib
+import pickle
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transfer_cli.data.base import ImageDataModule
+from transfer_cli.errors import DataError
+
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_BATCH = "test_batch"
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only: a data file must never run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
+        raise DataError(f"Cannot read CIFAR-10 batch {path}: {err}. Re-extract the archive.") from err
+    # Python 2 pickles give bytes keys; normalise so either flavour of the files reads the same.
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch file -> uint8 images [N, 3, 32, 32] and int64 labels [N]."""
+    batch = _load_pickle(path)
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{path} is not a CIFAR-10 batch: it lacks the 'data' or 'labels' entry.")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
+        raise DataError(f"{path}: expected data of shape [N, 3072] and N labels, got {data.shape} and {len(labels)}.")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+def find_batches_dir(root: Path) -> Path | None:
+    for candidate in (root / "cifar-10-batches-py", root):
+        if (candidate / "batches.meta").is_file():
+            return candidate
+    return None
+
+
+def download(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / "cifar-10-python.tar.gz"
+    partial = archive.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(ARCHIVE_URL, timeout=30) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise DataError(
+            f"Could not download CIFAR-10 from {ARCHIVE_URL} ({err}). Download and extract it by hand into "
+            f"{root} so that {root / 'cifar-10-batches-py'} exists."
+        ) from err
+    if hashlib.md5(partial.read_bytes()).hexdigest() != ARCHIVE_MD5:
+        partial.unlink()
+        raise DataError(f"The CIFAR-10 archive from {ARCHIVE_URL} is corrupt (md5 mismatch); try again.")
+    partial.rename(archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+
+
+class _Images(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.images[index], "labels": self.labels[index]}
+
+
+class CIFAR10DataModule(ImageDataModule):
+    def __init__(
+        self,
+        root: str | None = None,
+        class_names: list[str] | None = None,
+        download: bool = False,
+        val_fraction: float = 0.1,
+        seed: int = 42,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        augment: bool = True,
+        predict_input: str | None = None,
+    ):
+        """CIFAR-10 in the original python layout (data_batch_1..5, test_batch, batches.meta).
+
+        Args:
+            root: Directory holding `cifar-10-batches-py` (or that directory itself).
+            class_names: Expected class names; read from batches.meta when null.
+            download: Download and extract the official archive into `root` if it is missing.
+            val_fraction: Fraction of the training batches held out for validation (seeded split).
+            seed: Seed of the train/validation split.
+            batch_size: Images per batch.
+            num_workers: Loader worker processes; images live in memory as one tensor, so 0 is fast.
+            augment: Random crop and horizontal flip of training images.
+            predict_input: Images to predict on (set by `transfer predict --input`).
+        """
+        super().__init__(batch_size, num_workers, augment, predict_input)
+        self.root = None if root is None else Path(root).expanduser()
+        self.download = download
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.batches_dir = self._locate() if self.root is not None else None
+        self.class_names = class_names if class_names is not None else self._read_class_names()
+        self._splits: dict[str, _Images] = {}
+
+    def _locate(self) -> Path:
+        found = find_batches_dir(self.root)
+        if found is None and self.download:
+            download(self.root)
+            found = find_batches_dir(self.root)
+        if found is None:
+            raise DataError(
+                f"No CIFAR-10 data in {self.root} (data.root): expected {self.root / 'cifar-10-batches-py'} "
+                "with batches.meta, data_batch_1..5 and test_batch. Set data.root to the directory that "
+                "holds it, or add --data.download true to fetch it."
+            )
+        return found
+
+    def _read_class_names(self) -> list[str]:
+        if self.batches_dir is None:
+            raise DataError("data.root is required: the directory holding cifar-10-batches-py.")
+        meta = _load_pickle(self.batches_dir / "batches.meta")
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict" or self._splits:
+            return
+        if self.batches_dir is None:
+            raise DataError("data.root is required to train, validate or test on CIFAR-10.")
+        missing = [n for n in [*TRAIN_BATCHES, TEST_BATCH] if not (self.batches_dir / n).is_file()]
+        if missing:
+            raise DataError(f"CIFAR-10 files missing in {self.batches_dir}: {', '.join(missing)}.")
+        images, labels = zip(*(read_batch(self.batches_dir / n) for n in TRAIN_BATCHES))
+        images, labels = torch.cat(images), torch.cat(labels)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        n_val = int(round(self.val_fraction * len(labels)))
+        val, train = order[:n_val], order[n_val:]
+        self._splits = {
+            "train": _Images(images[train], labels[train]),
+            "val": _Images(images[val], labels[val]),
+            "test": _Images(*read_batch(self.batches_dir / TEST_BATCH)),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._splits["train"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._splits["val"], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._splits["test"], shuffle=False)

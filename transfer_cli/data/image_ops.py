@@ -1,0 +1,113 @@
+"""Image operations on uint8/float tensors in batches, so they run wherever the batch lives (GPU too).
+
+Datasets hand out uint8 images; resizing, augmentation and normalisation happen here, once per
+batch, after the batch reaches the accelerator.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from transfer_cli.backbones.base import ImagePreprocessing
+from transfer_cli.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Decode any common image file to a uint8 RGB tensor [3, H, W]."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = _to_rgb(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"Cannot read image {path}: {err}. Remove or replace the file.") from err
+    return torch.from_numpy(_as_array(rgb)).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16- and 32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / top * 255.0).round().clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite onto white: transparent pixels carry arbitrary colour values underneath.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def _as_array(image: Image.Image):
+    import numpy as np
+
+    return np.array(image, dtype=np.uint8, copy=True)
+
+
+def resize_center_crop(images: torch.Tensor, resize: int, crop: int, interpolation: str) -> torch.Tensor:
+    """Resize the shorter side to `resize`, then take the central `crop` x `crop` square.
+
+    Takes a batch [B, C, H, W] or one image [C, H, W].
+    """
+    if images.dim() == 3:
+        return resize_center_crop(images[None], resize, crop, interpolation)[0]
+    height, width = images.shape[-2:]
+    if (height, width) != (crop, crop) or resize != crop:
+        scale = resize / min(height, width)
+        size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+        if size != (height, width):
+            was_uint8 = images.dtype == torch.uint8
+            resized = F.interpolate(
+                images.float(), size=size, mode=interpolation, align_corners=False, antialias=scale < 1
+            )
+            images = resized.round().clamp(0, 255).to(torch.uint8) if was_uint8 else resized
+        top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+        images = images[..., top : top + crop, left : left + crop]
+    return images
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image random crop after reflect padding, and random horizontal flip, for a whole batch."""
+    batch, _, height, width = images.shape
+    device = images.device
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding), mode="reflect")
+        offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+        offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+        rows = (offset_y[:, None] + torch.arange(height, device=device))[:, None, :, None]
+        cols = (offset_x[:, None] + torch.arange(width, device=device))[:, None, None, :]
+        images = padded[
+            torch.arange(batch, device=device)[:, None, None, None],
+            torch.arange(3, device=device)[None, :, None, None],
+            rows,
+            cols,
+        ]
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(device)[:, None, None, None]
+    return torch.where(flip, images.flip(-1), images)
+
+
+class BatchImageTransform:
+    """uint8 batch -> normalised float batch at the backbone's input size, with optional augmentation."""
+
+    def __init__(self, preprocessing: ImagePreprocessing, channels_last: bool = True):
+        self.preprocessing = preprocessing
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        p = self.preprocessing
+        images = images.float()
+        if augment:
+            # Crop at the native resolution (CIFAR's classic pad-4-of-32), then scale like evaluation.
+            images = random_crop_flip(images, padding=max(1, images.shape[-1] // 8))
+        images = resize_center_crop(images, p.resize_size, p.crop_size, p.interpolation)
+        mean = torch.tensor(p.mean, device=images.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(p.std, device=images.device).view(1, 3, 1, 1) * 255.0
+        images = (images - mean) / std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images

@@ -1,0 +1,85 @@
+"""The `transfer` console script: cheap answers first, the CLI second, exit codes always.
+
+`transfer --help` and `--version` are answered without importing torch or lightning; everything
+else goes to the LightningCLI in transfer_cli.cli.
+"""
+
+import os
+import sys
+import traceback
+
+from transfer_cli import __version__
+from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, TransferError
+
+USAGE = """\
+usage: transfer [-h] [--version] {fit,validate,test,predict} ...
+
+Finetune pretrained backbones (torchvision, HuggingFace, your own checkpoints) on your data.
+
+subcommands:
+  fit        Train a head (and optionally the backbone) on a recipe: --config NAME|FILE
+  validate   Evaluate on the validation split: --ckpt model.ckpt
+  test       Evaluate on the test split: --ckpt model.ckpt
+  predict    Predict from a checkpoint alone: --ckpt model.ckpt --input PATH|-
+
+recipes (for --config): {recipes}
+
+Run `transfer SUBCOMMAND --help` for every option, `transfer fit --config NAME --print_config` for a
+recipe in full. --debug (or TRANSFER_DEBUG=1) shows tracebacks. Exit codes: 0 ok, 2 usage/config,
+3 data, 4 checkpoint, 5 non-finite loss, 6 resources, 130 interrupted, 143 terminated.
+"""
+
+
+def _usage() -> str:
+    from transfer_cli.recipes import recipe_names
+
+    return USAGE.replace("{recipes}", ", ".join(recipe_names()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("TRANSFER_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else EXIT_USAGE
+    if args[0] == "--version":
+        print(f"transfer {__version__}")
+        return 0
+    try:
+        from transfer_cli.cli import run
+
+        run(args)
+    except KeyboardInterrupt:
+        print("transfer: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
+    except Exception as err:
+        cause = _transfer_error(err)
+        if cause is None:
+            raise
+        if isinstance(cause, BrokenPipeError):
+            # The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        if debug:
+            traceback.print_exc()
+        print(f"transfer: error: {cause}", file=sys.stderr)
+        return cause.exit_code
+    return 0
+
+
+def _transfer_error(err: BaseException) -> BaseException | None:
+    """Our error behind whatever wrapped it (jsonargparse and DataLoader workers re-raise their own)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (TransferError, BrokenPipeError)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

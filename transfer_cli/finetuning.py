@@ -1,0 +1,54 @@
+"""Freezing and unfreezing the backbone, as a Lightning callback."""
+
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+
+
+class BackboneFinetuning(BaseFinetuning):
+    def __init__(self, strategy: Literal["frozen", "full", "gradual"] = "full", unfreeze_at_epoch: int = 1):
+        """How the backbone trains.
+
+        Args:
+            strategy: `frozen` trains only the head (a linear probe); `full` trains everything from
+                the start; `gradual` keeps the backbone frozen until `unfreeze_at_epoch`.
+            unfreeze_at_epoch: With `gradual`, the first epoch (0-based) in which the backbone trains.
+        """
+        super().__init__()
+        self.strategy = strategy
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+
+    def backbone_frozen(self, epoch: int) -> bool:
+        return self.strategy == "frozen" or (self.strategy == "gradual" and epoch < self.unfreeze_at_epoch)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        if self.strategy != "full":
+            self._freeze(pl_module)
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Any) -> None:
+        # A function of the epoch alone, so a resumed run lands in the right state.
+        if self.backbone_frozen(epoch):
+            self._freeze(pl_module)
+        else:
+            self.make_trainable(pl_module.backbone)
+            pl_module.backbone.train()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Frozen means eval mode too (BatchNorm statistics and dropout fixed). Lightning restores
+        # module modes after validation and anything may call .train(); re-assert it every batch.
+        if self.backbone_frozen(trainer.current_epoch):
+            pl_module.backbone.eval()
+
+    def _freeze(self, pl_module: L.LightningModule) -> None:
+        self.freeze(pl_module.backbone, train_bn=False)
+        pl_module.backbone.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The optimizer's parameter groups never change (see TransferModel.configure_optimizers), so
+        # there is nothing to restore; BaseFinetuning's restore would reset learning rates to stale
+        # epoch-start values and break exact resumption.
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass

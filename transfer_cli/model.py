@@ -1,0 +1,103 @@
+"""The one transfer model: an injected backbone, a head sized from it, and a classification loss."""
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from transfer_cli.backbones.base import Backbone
+from transfer_cli.heads import LinearHead
+
+HeadFactory = Callable[[int, int], nn.Module]
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+class TransferModel(L.LightningModule):
+    def __init__(
+        self,
+        backbone: Backbone,
+        class_names: list[str],
+        head: HeadFactory = LinearHead,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        backbone_lr_factor: float = 1.0,
+        label_smoothing: float = 0.0,
+    ):
+        """A pretrained backbone with a new classification head.
+
+        Args:
+            backbone: The feature extractor (torchvision, HuggingFace, or a transfer checkpoint).
+            class_names: Class names, set from the data; the head gets one output per class.
+            head: Head class, called with (backbone.num_features, len(class_names)).
+            optimizer: Optimizer over the head's and the backbone's parameters.
+            lr_scheduler: Optional learning-rate schedule for that optimizer.
+            backbone_lr_factor: The backbone trains at the optimizer's learning rate times this
+                factor (whenever the finetuning strategy lets it train).
+            label_smoothing: Label smoothing of the cross-entropy loss.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.class_names = list(class_names)
+        self.head = head(backbone.num_features, len(self.class_names))
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.backbone_lr_factor = backbone_lr_factor
+        self.label_smoothing = label_smoothing
+        num_classes = len(self.class_names)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.head(self.backbone(inputs))
+
+    def _step(self, batch: dict[str, Any], stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        logits = self(batch["inputs"])
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        accuracy(logits, labels)
+        size = labels.shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"probs": self(batch["inputs"]).float().softmax(dim=-1)}
+
+    def configure_optimizers(self) -> Any:
+        # The backbone always has its own parameter group, frozen or not: a frozen parameter has no
+        # gradient and the optimizer skips it, so unfreezing later needs no optimizer surgery and the
+        # LR schedule sees the same groups from the first step to the last.
+        optimizer = self.optimizer_factory(
+            [
+                {"params": list(self.head.parameters()), "name": "head"},
+                {"params": list(self.backbone.parameters()), "name": "backbone"},
+            ]
+        )
+        backbone_group = optimizer.param_groups[1]
+        backbone_group["lr"] = backbone_group["lr"] * self.backbone_lr_factor
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        interval = getattr(scheduler, "interval", "epoch")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

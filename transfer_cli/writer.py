@@ -1,0 +1,115 @@
+"""Streams predictions out as rows, batch by batch: JSON lines or CSV, to stdout or a file.
+
+A file is written under a temporary name beside its final name and renamed only when prediction
+finishes, so a killed or failed run never leaves a partial file under the final name.
+"""
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from transfer_cli.errors import ConfigError, ResourceError
+
+
+class PredictionWriter(BasePredictionWriter):
+    def __init__(self, output: str | None = None, topk: int = 3):
+        super().__init__(write_interval="batch")
+        self.output = None if output in (None, "-") else Path(output)
+        self.topk = topk
+        self.format = self._format(self.output)
+        self._stream: io.TextIOBase | None = None
+        self._tmp: Path | None = None
+        self._csv: csv.writer | None = None
+        self._header_written = False
+
+    @staticmethod
+    def _format(output: Path | None) -> str:
+        if output is None or output.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+            return "jsonl"
+        if output.suffix.lower() == ".csv":
+            return "csv"
+        raise ConfigError(f"--output {output}: use a .jsonl or .csv file name, or - for JSON lines on stdout.")
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.output is None:
+            self._stream = sys.stdout
+        else:
+            self._tmp = self.output.with_name(f".{self.output.name}.{os.getpid()}.tmp")
+            try:
+                self._stream = open(self._tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed in on_predict_end)
+            except OSError as err:
+                raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
+        if self.format == "csv":
+            self._csv = csv.writer(self._stream)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        ids = batch["ids"]
+        rows = self._rows(ids, prediction, pl_module)
+        try:
+            self._write(rows)
+        except OSError as err:
+            if isinstance(err, BrokenPipeError):
+                raise
+            raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
+
+    def _rows(self, ids: list[str], prediction: dict[str, torch.Tensor], pl_module: Any) -> list[dict[str, Any]]:
+        if "embedding" in prediction:
+            vectors = prediction["embedding"].float().cpu().tolist()
+            return [{"input": i, "embedding": [round(v, 6) for v in vec]} for i, vec in zip(ids, vectors)]
+        probs = prediction["probs"].float().cpu()
+        names = pl_module.class_names
+        k = min(self.topk, probs.shape[1])
+        scores, indices = probs.topk(k, dim=1)
+        rows = []
+        for input_id, row_scores, row_indices in zip(ids, scores.tolist(), indices.tolist()):
+            topk = [[names[c], round(s, 6)] for c, s in zip(row_indices, row_scores)]
+            rows.append({"input": input_id, "label": topk[0][0], "score": topk[0][1], "topk": topk})
+        return rows
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self.format == "jsonl":
+            self._stream.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        else:
+            if not self._header_written:
+                self._csv.writerow(list(rows[0].keys()))
+                self._header_written = True
+            for r in rows:
+                self._csv.writerow([_csv_cell(v) for v in r.values()])
+        self._stream.flush()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._tmp is None:
+            return
+        try:
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
+            self._stream.close()
+            os.replace(self._tmp, self.output)
+        except OSError as err:
+            self._discard()
+            raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
+        self._tmp = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._tmp is not None:
+            if self._stream is not None and not self._stream.closed:
+                self._stream.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, list):
+        return json.dumps(value, ensure_ascii=False)
+    return value
