@@ -21,20 +21,16 @@ ALLOWED_CLASS_PREFIXES = ("transfer_cli.", "torch.", "torchvision.", "lightning.
 
 
 def _versions() -> dict[str, str]:
-    import lightning
-    import torchvision
-    import transformers
+    # Package metadata, not imports: importing transformers only to read its version costs seconds.
+    from importlib.metadata import PackageNotFoundError, version
 
-    from transfer_cli import __version__
-
-    return {
-        "transfer": __version__,
-        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only
-        "torchvision": torchvision.__version__,
-        "lightning": lightning.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    versions = {"python": platform.python_version()}
+    for package in ("transfer-cli", "torch", "torchvision", "lightning", "transformers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 class CheckpointMetadata(Callback):

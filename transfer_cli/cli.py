@@ -120,6 +120,8 @@ class TransferCLI(LightningCLI):
             config.trainer.precision = _default_precision(config.trainer.accelerator)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             config.ckpt_path = _resolve_last(config.trainer.logger)
+            # Continue in the resumed run's own directory instead of opening a new version.
+            config.trainer.logger.init_args.version = Path(config.ckpt_path).parent.parent.name
 
     def after_instantiate_classes(self) -> None:
         self.datamodule.connect(self.model.backbone)

@@ -1,0 +1,70 @@
+"""Shared test fixtures: real data from ../shared/data (or $TRANSFER_TEST_DATA), and CLI runners."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TRANSFER_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (set TRANSFER_TEST_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    return _need(DATA / "cifar10")
+
+
+@pytest.fixture(scope="session")
+def imagefolder_root() -> Path:
+    return _need(DATA / "cifar10" / "imagefolder_jpg")
+
+
+@pytest.fixture(scope="session")
+def mnli_root() -> Path:
+    return _need(DATA / "mnli")
+
+
+@pytest.fixture()
+def offline_env(tmp_path, monkeypatch) -> dict[str, str]:
+    """An environment with no network caches: torch and HuggingFace look only under tmp_path."""
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch_home"),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("TORCH_HOME", "HF_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
+def run_transfer(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None, timeout: int = 300
+):
+    """Run the real console entry point in a subprocess (the shell contract: exit code, stdout, stderr)."""
+    return subprocess.run(
+        [sys.executable, "-m", "transfer_cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# Small, fast image model for tests: ResNet18 (has BatchNorm) at 32 px, random weights.
+TINY_IMAGE_BACKBONE = (
+    "--model.init_args.backbone.init_args.name=resnet18",
+    "--model.init_args.backbone.init_args.weights=null",
+    "--model.init_args.backbone.init_args.image_size=32",
+)

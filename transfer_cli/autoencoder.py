@@ -1,0 +1,189 @@
+"""A convolutional autoencoder pretrained by reconstruction; its encoder is a backbone like any other.
+
+The encoder is held as `backbone`, so the CLI connects its preprocessing to the data, checkpoints
+record it like every other backbone, and `CheckpointBackbone` can later reuse it, frozen or not, under
+a classification head. `transfer predict` on an autoencoder checkpoint emits the representations.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from transfer_cli.backbones.base import Backbone, ImagePreprocessing
+from transfer_cli.errors import ConfigError
+from transfer_cli.model import default_optimizer
+
+# CIFAR-10 training-set channel statistics: the encoder is trained from scratch on CIFAR-10, so
+# these (not ImageNet's) are the statistics its inputs are normalised with.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# Each of the encoder's strided convolutions halves the image side (the decoder mirrors them).
+NUM_DOWNSAMPLES = 3
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    kernel = 4 if stride == 2 else 3  # 4x4 with stride 2 halves the side exactly, without overlap bias
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _deconv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ConvEncoder(Backbone):
+    def __init__(self, num_features: int = 100, width: int = 32, image_size: int = 32):
+        """A small convolutional encoder: image -> a `num_features`-dimensional representation.
+
+        Args:
+            num_features: Size of the representation (what a classification head receives).
+            width: Channels of the first convolution; each downsampling doubles them.
+            image_size: Side of the square input images in pixels; a multiple of 8.
+        """
+        super().__init__()
+        factor = 2**NUM_DOWNSAMPLES
+        if image_size % factor != 0:
+            raise ConfigError(
+                f"ConvEncoder image_size={image_size} is not a multiple of {factor} "
+                f"(model.init_args.backbone.init_args.image_size); use 32 for CIFAR-10."
+            )
+        self.num_features = num_features
+        self.width = width
+        self.image_size = image_size
+        channels = [width * 2**i for i in range(NUM_DOWNSAMPLES + 1)]
+        self.features = nn.Sequential(
+            _conv_block(3, channels[0], stride=1),
+            *(_conv_block(c_in, c_out, stride=2) for c_in, c_out in zip(channels, channels[1:])),
+        )
+        self.map_channels, self.map_size = channels[-1], image_size // factor
+        self.project = nn.Linear(self.map_channels * self.map_size**2, num_features)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(inputs).flatten(1))
+
+    def preprocessing(self) -> ImagePreprocessing:
+        # Native resolution: no resize, no crop; CIFAR-10 normalisation.
+        return ImagePreprocessing(
+            crop_size=self.image_size, resize_size=self.image_size, mean=CIFAR10_MEAN, std=CIFAR10_STD
+        )
+
+    def offline_init_args(self) -> dict[str, Any]:
+        return {}  # randomly initialised from its init args alone; nothing to download
+
+
+class ConvDecoder(nn.Module):
+    """The encoder mirrored: a representation -> a normalised image of the encoder's input size."""
+
+    def __init__(self, encoder: ConvEncoder):
+        super().__init__()
+        channels = [encoder.width * 2**i for i in range(NUM_DOWNSAMPLES + 1)]
+        self.map_channels, self.map_size = encoder.map_channels, encoder.map_size
+        self.project = nn.Linear(encoder.num_features, self.map_channels * self.map_size**2)
+        widest_first = channels[::-1]
+        self.upsample = nn.Sequential(*(_deconv_block(a, b) for a, b in zip(widest_first, widest_first[1:])))
+        # No output activation: the target is the normalised image, which is not bounded to [0, 1].
+        self.to_image = nn.Conv2d(channels[0], 3, 3, padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        maps = F.relu(self.project(features)).view(-1, self.map_channels, self.map_size, self.map_size)
+        return self.to_image(self.upsample(maps))
+
+
+class Autoencoder(L.LightningModule):
+    def __init__(
+        self,
+        backbone: ConvEncoder,
+        class_names: list[str] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        preview_images: int = 8,
+    ):
+        """An autoencoder trained to reconstruct its (normalised) input with a mean squared error.
+
+        Args:
+            backbone: The encoder; the decoder is built as its mirror image.
+            class_names: Set from the data, like for every model the CLI builds. Labels play no
+                part in reconstruction; the names are kept so the checkpoint records its data.
+            optimizer: Optimizer over the encoder's and the decoder's parameters.
+            lr_scheduler: Optional learning-rate schedule for that optimizer.
+            preview_images: Validation images shown, with their reconstructions, in the PNG grid
+                written to the run directory after each validation epoch (0 writes none).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = ConvDecoder(backbone)
+        self.class_names = list(class_names or [])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.preview_images = preview_images
+        self._preview: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.backbone(inputs))
+
+    def _step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = batch["inputs"]
+        reconstructions = self(inputs)
+        loss = F.mse_loss(reconstructions.float(), inputs.float())
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=inputs.shape[0])
+        return loss, reconstructions
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, reconstructions = self._step(batch, "val")
+        if batch_idx == 0:
+            n = self.preview_images
+            self._preview = (batch["inputs"][:n].detach().float().cpu(), reconstructions[:n].detach().float().cpu())
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"embedding": self.backbone(batch["inputs"])}
+
+    def on_validation_epoch_end(self) -> None:
+        preview, self._preview = self._preview, None
+        trainer = self.trainer
+        # Only training runs have a run directory (validate/test leave no files behind).
+        if preview is None or self.preview_images <= 0 or trainer.sanity_checking or trainer.logger is None:
+            return
+        if trainer.is_global_zero and trainer.log_dir is not None:
+            path = Path(trainer.log_dir) / f"reconstructions-epoch={trainer.current_epoch}.png"
+            save_preview(*preview, self.backbone.preprocessing(), path)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        interval = getattr(scheduler, "interval", "epoch")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def save_preview(
+    inputs: torch.Tensor, reconstructions: torch.Tensor, preprocessing: ImagePreprocessing, path: Path
+) -> None:
+    """A PNG grid: the input images in the top row, their reconstructions below."""
+    mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
+    images = (torch.cat([inputs, reconstructions]) * std + mean).clamp(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(images, path, nrow=inputs.shape[0], padding=2)
