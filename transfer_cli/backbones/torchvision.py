@@ -33,8 +33,11 @@ class TorchvisionBackbone(Backbone):
             weights = None
         self.name = name
         self.weights = weights
+        try:
+            model = torchvision.models.get_model(name, weights=None)
+        except ValueError as err:
+            raise ConfigError(_unknown_model_message(name)) from err
         weights_enum = _weights_enum(name, weights)
-        model = torchvision.models.get_model(name, weights=None)
         in_features, classifier_name = _strip_classifier(model, name)
         if weights_enum is not None:
             _load_state(model, _download_state(weights_enum), classifier_name)

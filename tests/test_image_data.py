@@ -1,0 +1,117 @@
+"""CIFAR-10 pickles, image folders and image decoding, on the real files in ../shared/data."""
+
+import pickle
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transfer_cli.data import CIFAR10DataModule, ImageFolderDataModule
+from transfer_cli.data.cifar10 import read_batch
+from transfer_cli.data.image_ops import random_crop_flip, read_image, resize_center_crop
+from transfer_cli.errors import DataError
+
+
+def test_cifar_reads_the_original_layout_with_short_batches_and_no_filenames(cifar_root):
+    data = CIFAR10DataModule(str(cifar_root), val_fraction=0.1, seed=7)
+    assert data.class_names[:3] == ["airplane", "automobile", "bird"] and len(data.class_names) == 10
+    data.setup("fit")
+    train, val, test = (data._splits[s] for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (2250, 250, 1000)  # 5 x 500 images, 1000 test images
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
+
+    again = CIFAR10DataModule(str(cifar_root), val_fraction=0.1, seed=7)
+    again.setup("fit")
+    assert torch.equal(again._splits["val"].labels, val.labels)  # the split is seeded
+
+
+def test_cifar_accepts_the_batches_dir_itself_and_latin1_style_pickles(cifar_root, tmp_path):
+    images, labels = read_batch(cifar_root / "cifar-10-batches-py" / "data_batch_1")
+    path = tmp_path / "batch"
+    with open(path, "wb") as f:  # the layout torchvision writes: str keys, not bytes
+        pickle.dump({"data": images.reshape(len(images), -1).numpy(), "labels": labels.tolist()}, f)
+    again, again_labels = read_batch(path)
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)
+    assert CIFAR10DataModule(str(cifar_root / "cifar-10-batches-py")).class_names[-1] == "truck"
+
+
+def test_cifar_missing_directory_names_where_it_looked(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nowhere")):
+        CIFAR10DataModule(str(tmp_path / "nowhere"))
+
+
+def test_cifar_download_offline_says_how_to_supply_the_data(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        CIFAR10DataModule(str(tmp_path), download=True)
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_data_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    with pytest.raises(DataError, match="refusing to load"):
+        read_batch(path)
+    assert not marker.exists()
+
+
+def test_image_folder_takes_class_names_from_folders_and_splits_seeded(imagefolder_root):
+    data = ImageFolderDataModule(str(imagefolder_root), val_fraction=0.2, seed=1, num_workers=0)
+    assert data.class_names == sorted(p.name for p in (imagefolder_root / "train").iterdir())
+    data.preprocessing = None  # setup only lists files; decoding happens in the loader
+    data.setup("fit")
+    assert len(data._splits["train"]) == 240 and len(data._splits["val"]) == 60
+    assert len(data._splits["test"]) == 300  # root/test is used as the test split
+
+
+def test_image_folder_with_an_empty_class_is_a_data_error(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "cat" / "a.png")
+    with pytest.raises(DataError, match="dog"):
+        ImageFolderDataModule(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "mode,value",
+    [("L", 128), ("P", 3), ("RGBA", (10, 20, 30, 255)), ("CMYK", (0, 0, 0, 0)), ("I;16", 65535), ("RGB", (1, 2, 3))],
+)
+def test_every_common_pixel_format_becomes_rgb(tmp_path, mode, value):
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    Image.new(mode, (5, 4), value).save(path)
+    image = read_image(path)
+    assert image.shape == (3, 4, 5) and image.dtype == torch.uint8
+    if mode == "I;16":
+        assert int(image.max()) == 255  # 16-bit white stays white, not clipped garbage
+
+
+def test_truncated_and_non_image_files_name_the_path(tmp_path, imagefolder_root):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes((imagefolder_root / "test" / "cat" / "0000.jpg").read_bytes()[:100])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for path in (broken, text):
+        with pytest.raises(DataError, match=path.name):
+            read_image(path)
+
+
+def test_resize_center_crop_and_augmentation_keep_shapes():
+    batch = torch.randint(0, 256, (4, 3, 32, 48), dtype=torch.uint8)
+    out = resize_center_crop(batch, resize=40, crop=36, interpolation="bilinear")
+    assert out.shape == (4, 3, 36, 36) and out.dtype == torch.uint8
+    flipped = random_crop_flip(batch.float(), padding=4, generator=torch.Generator().manual_seed(0))
+    assert flipped.shape == batch.shape
+    # Every output row is a window of the reflect-padded input, so values stay within the input's range.
+    assert flipped.min() >= 0 and flipped.max() <= 255 and not np.isnan(flipped.numpy()).any()
