@@ -95,8 +95,11 @@ def test_new_run_never_overwrites_an_earlier_one_and_last_resumes(tmp_path, cifa
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     state = torch.load(second / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1  # the newest run went on to its second epoch (0-based), in its own directory
+    assert state["global_step"] == 4  # two epochs of two steps: the newest run went on, in its own directory
     assert sorted(p.name for p in (tmp_path / "runs" / "resnet50-cifar10").iterdir()) == ["version_0", "version_1"]
+    # The first segment's metrics survive the resume.
+    assert (second.parent / "metrics-segment1.csv").read_text().count("\n") == 3
+    assert (second.parent / "metrics.csv").is_file()
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """The `transfer` LightningCLI: Lightning's subcommands and hooks, with checkpoints that describe
 themselves, recipes by name, and stdout kept for data."""
 
+import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,21 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
-from transfer_cli.errors import ConfigError
+from transfer_cli.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    ResourceError,
+)
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.progress import print_metrics, progress_bar
-from transfer_cli.recipes import resolve_config_args
+from transfer_cli.recipes import check_config_files, resolve_config_args, summarize_parser_error
+from transfer_cli.safety import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossGuard, RandomState
 from transfer_cli.writer import PredictionWriter
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -42,7 +53,12 @@ class TransferCLI(LightningCLI):
             },
             seed_everything_default=42,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "transfer"},
+            # Errors come back as exceptions and are reported as one paragraph, not a usage dump.
+            parser_kwargs={
+                "prog": "transfer",
+                "exit_on_error": False,
+                **{c: {"exit_on_error": False} for c in SUBCOMMANDS},
+            },
             args=args,
             run=run,
         )
@@ -88,8 +104,13 @@ class TransferCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         args = list(sys.argv[1:] if args is None else args)
         args = resolve_config_args(args)
+        check_config_files(args)
         args = self._with_checkpoint_config(args)
-        self.config = parser.parse_args(args)
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as err:
+            subcommand = next((a for a in args if a in SUBCOMMANDS), "SUBCOMMAND")
+            raise ConfigError(f"{summarize_parser_error(str(err))}\nSee `transfer {subcommand} --help`.") from None
 
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
         """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
@@ -121,25 +142,67 @@ class TransferCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             config.ckpt_path = _resolve_last(config.trainer.logger)
             # Continue in the resumed run's own directory instead of opening a new version.
-            config.trainer.logger.init_args.version = Path(config.ckpt_path).parent.parent.name
+            run_dir = Path(config.ckpt_path).parent.parent
+            config.trainer.logger.init_args.version = run_dir.name
+            _keep_metrics(run_dir)
 
     def after_instantiate_classes(self) -> None:
         self.datamodule.connect(self.model.backbone)
         if self._checkpoint is not None:
-            load_weights(self.model, self._checkpoint, self.config[self.subcommand].ckpt)
+            ckpt = self.config[self.subcommand].ckpt
+            _check_same_classes(self._checkpoint["transfer"]["class_names"], self.datamodule, ckpt)
+            load_weights(self.model, self._checkpoint, ckpt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config[self.subcommand]
         dump = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks.append(CheckpointMetadata(dump["model"], dump["data"]))
+        if self.subcommand == "fit":
+            callbacks += [NonFiniteLossGuard(), InterruptCheckpoint(), RandomState()]
         if config.trainer.enable_progress_bar is not False and not _has_progress_bar(config.trainer.callbacks):
             # Given at construction, so Lightning does not add its own bar writing to stdout.
             callbacks.append(progress_bar())
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(output=config.output, topk=config.topk))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return self._instantiate_trainer(trainer_config, callbacks)
+
+    # Subcommands: Lightning's, with its ways of stopping turned into our exit codes ------------
+
+    def fit(self, **kwargs: Any) -> None:
+        # Data errors surface here, before the logger creates a run directory or workers start.
+        self.datamodule.setup("fit")
+        _check_writable(self.trainer.log_dir if self.trainer.logger else self.trainer.default_root_dir)
+        self._run(self.trainer.fit, **kwargs)
+
+    def validate(self, **kwargs: Any) -> None:
+        self.datamodule.setup("validate")
+        self._run(self.trainer.validate, **kwargs)
+
+    def test(self, **kwargs: Any) -> None:
+        self.datamodule.setup("test")
+        self._run(self.trainer.test, **kwargs)
+
+    def predict(self, **kwargs: Any) -> None:
+        output = self.config.predict.get("output")
+        if output not in (None, "-"):
+            _check_writable(Path(output).parent)
+        self._run(self.trainer.predict, **kwargs)
+
+    def _run(self, fn: Any, **kwargs: Any) -> None:
+        try:
+            fn(**kwargs)
+        except SIGTERMException as err:
+            raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED) from err
+        except SystemExit as err:
+            # Lightning ends a Ctrl-C with sys.exit(1) after its graceful shutdown.
+            if self.trainer.interrupted:
+                raise Interrupted("interrupted (Ctrl-C)", EXIT_INTERRUPTED) from err
+            raise
 
     def after_fit(self) -> None:
         print_metrics("fit", _epoch_metrics(self.trainer))
@@ -152,6 +215,28 @@ class TransferCLI(LightningCLI):
 
     def after_test(self) -> None:
         print_metrics("test", _epoch_metrics(self.trainer))
+
+
+def _check_same_classes(expected: list[str], datamodule: Any, ckpt: str) -> None:
+    found = datamodule.data_class_names() if hasattr(datamodule, "data_class_names") else None
+    if found is None or list(found) == list(expected):
+        return
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    detail = (
+        f"missing from the data: {missing}; not in the checkpoint: {extra}"
+        if missing or extra
+        else (f"same classes in another order: checkpoint {expected}, data {found}")
+    )
+    raise CheckpointError(f"The data's classes differ from those {ckpt} was trained on ({detail}).")
+
+
+def _check_writable(directory: Any) -> None:
+    """Fail before any work when the output location cannot be written (exit 6)."""
+    path = Path(directory).resolve()
+    while not path.exists():
+        path = path.parent
+    if not os.access(path, os.W_OK):
+        raise ResourceError(f"Cannot write to {path}: permission denied. Choose a writable location.")
 
 
 def _option_value(args: list[str], name: str) -> str | None:
@@ -186,6 +271,16 @@ def _resolve_last(logger: Any) -> str:
     return str(found[-1])
 
 
+def _keep_metrics(run_dir: Path) -> None:
+    """Lightning's CSV logger deletes metrics.csv when it reopens a run; keep the earlier segment."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        segment = 1
+        while (run_dir / f"metrics-segment{segment}.csv").exists():
+            segment += 1
+        metrics.rename(run_dir / f"metrics-segment{segment}.csv")
+
+
 def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
     return {k: v for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
 
@@ -197,6 +292,7 @@ def run(args: list[str] | None = None) -> None:
         r".*module\(s\) in eval mode.*",
         r".*LeafSpec.*is deprecated.*",
         r".*smaller than the logging interval.*",
+        r".*exists and is not empty.*",
     ):
         # Expected with a frozen backbone / a short run; noise for users.
         warnings.filterwarnings("ignore", message=message)

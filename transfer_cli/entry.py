@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from transfer_cli import __version__
-from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, TransferError
+from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, as_transfer_error
 
 USAGE = """\
 usage: transfer [-h] [--version] {fit,validate,test,predict} ...
@@ -56,29 +56,30 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else EXIT_USAGE)
     except Exception as err:
-        cause = _transfer_error(err)
+        cause = as_transfer_error(err)
         if cause is None:
-            raise
+            if debug:
+                raise
+            print(f"transfer: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+            print("transfer: rerun with --debug for the traceback, and report it.", file=sys.stderr)
+            return 1
         if isinstance(cause, BrokenPipeError):
             # The reader went away (`| head -1`): stop quietly, and keep Python from complaining at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         if debug:
             traceback.print_exc()
-        print(f"transfer: error: {cause}", file=sys.stderr)
+        print(f"transfer: error: {_clean(str(cause))}", file=sys.stderr)
         return cause.exit_code
     return 0
 
 
-def _transfer_error(err: BaseException) -> BaseException | None:
-    """Our error behind whatever wrapped it (jsonargparse and DataLoader workers re-raise their own)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (TransferError, BrokenPipeError)):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+def _clean(message: str) -> str:
+    """A DataLoader worker re-raises our error with its traceback in the text; keep the message."""
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
 
 
 if __name__ == "__main__":

@@ -40,3 +40,35 @@ class ResourceError(TransferError):
 
 class WeightsUnavailableError(ConfigError):
     """Pretrained weights could not be found locally nor downloaded."""
+
+
+class Interrupted(TransferError):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the run."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+_RESOURCE_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EROFS", "EPERM", "EFBIG"}
+
+
+def as_transfer_error(err: BaseException) -> BaseException | None:
+    """Our error behind whatever wrapped it, or a resource failure recognised as one (exit 6)."""
+    import errno
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (TransferError, BrokenPipeError)):
+            return err
+        if isinstance(err, OSError) and errno.errorcode.get(err.errno) in _RESOURCE_ERRNOS:
+            where = f" ({err.filename})" if err.filename else ""
+            return ResourceError(f"{err.strerror}{where}. Free disk space or choose a writable location.")
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            return ResourceError(
+                "Out of memory. Lower --data.init_args.batch_size, use --trainer.precision bf16-mixed, "
+                "or --trainer.accumulate_grad_batches to keep the effective batch size."
+            )
+        err = err.__cause__ or err.__context__
+    return None

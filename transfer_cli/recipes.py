@@ -41,3 +41,36 @@ def resolve_config_args(args: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def check_config_files(args: list[str]) -> None:
+    """Every --config file exists and is valid YAML, reported with its path and line."""
+    import yaml
+
+    from transfer_cli.errors import ConfigError
+
+    for i, arg in enumerate(args):
+        value = arg[len("--config=") :] if arg.startswith("--config=") else None
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            value = args[i + 1]
+        if value is None or "\n" in value:
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"Config not found: {value} (--config). Give a YAML file or a recipe name: {', '.join(recipe_names())}."
+            )
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"Malformed YAML in {where}: {problem}. Fix the file's syntax.") from None
+
+
+def summarize_parser_error(message: str) -> str:
+    """jsonargparse explains a wrong value by listing every type it tried; keep what a user needs."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    keep = [lines[0]] + [line for line in lines[1:] if line.startswith(("Given value:", "- Expected", "Expected"))]
+    return "\n".join(dict.fromkeys(keep))

@@ -133,6 +133,10 @@ class CIFAR10DataModule(ImageDataModule):
         self.class_names = class_names if class_names is not None else self._read_class_names()
         self._splits: dict[str, _Images] = {}
 
+    def data_class_names(self) -> list[str] | None:
+        """The class names the data itself declares (batches.meta), or None without data."""
+        return self._read_class_names() if self.batches_dir is not None else None
+
     def _locate(self) -> Path:
         found = find_batches_dir(self.root)
         if found is None and self.download:

@@ -1,12 +1,14 @@
 """Your own images in class folders: root/train/<class>/*, optionally root/val/<class>/*."""
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from transfer_cli.data.base import ImageDataModule, ImageFiles
-from transfer_cli.data.image_ops import IMAGE_SUFFIXES
+from transfer_cli.data.image_ops import IMAGE_SUFFIXES, image_problem
 from transfer_cli.errors import DataError
 
 
@@ -24,6 +26,25 @@ def scan_classes(split_dir: Path) -> dict[str, list[Path]]:
             f"({', '.join(IMAGE_SUFFIXES)}) or remove the folders."
         )
     return found
+
+
+def drop_bad_images(paths: list[Path], labels: list[int], skip: bool) -> tuple[list[Path], list[int]]:
+    """Find unreadable images before training; fail listing them, or (opt-in) leave them out."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = list(pool.map(image_problem, paths))
+    bad = [(p, why) for p, why in zip(paths, problems) if why is not None]
+    if not bad:
+        return paths, labels
+    if not skip:
+        listed = "\n".join(f"  {p}: {why}" for p, why in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DataError(
+            f"{len(bad)} unreadable image(s):\n{listed}{more}\nRemove or replace them, or pass "
+            "--data.init_args.skip_bad_images true to leave them out."
+        )
+    print(f"transfer: skipped {len(bad)} unreadable image(s), first: {bad[0][0]}", file=sys.stderr)
+    kept = [(p, y) for (p, y), why in zip(zip(paths, labels), problems) if why is None]
+    return [p for p, _ in kept], [y for _, y in kept]
 
 
 def _flatten(found: dict[str, list[Path]], class_names: list[str]) -> tuple[list[Path], list[int]]:
@@ -45,6 +66,7 @@ class ImageFolderDataModule(ImageDataModule):
         batch_size: int = 64,
         num_workers: int | None = None,
         augment: bool = True,
+        skip_bad_images: bool = False,
         predict_input: str | None = None,
     ):
         """Images in class folders (JPEG, PNG, WebP, ...); class names are the folder names.
@@ -57,10 +79,12 @@ class ImageFolderDataModule(ImageDataModule):
             batch_size: Images per batch.
             num_workers: Loader worker processes decoding images; null picks min(8, CPU count).
             augment: Random crop and horizontal flip of training images.
+            skip_bad_images: Leave out unreadable images (counted on stderr) instead of failing.
             predict_input: Images to predict on (set by `transfer predict --input`).
         """
         super().__init__(batch_size, num_workers, augment, predict_input)
         self.root = None if root is None else Path(root).expanduser()
+        self.skip_bad_images = skip_bad_images
         self.val_fraction = val_fraction
         self.seed = seed
         self._train_found: dict[str, list[Path]] | None = None
@@ -69,6 +93,12 @@ class ImageFolderDataModule(ImageDataModule):
             class_names = list(self._train_found)
         self.class_names = class_names
         self._splits: dict[str, ImageFiles] = {}
+
+    def data_class_names(self) -> list[str] | None:
+        """The class folders of root/train, or None without data."""
+        if self.root is None:
+            return None
+        return list(self._train_found or scan_classes(self._split_dir("train")))
 
     def _split_dir(self, split: str) -> Path:
         if self.root is None:
@@ -86,13 +116,15 @@ class ImageFolderDataModule(ImageDataModule):
                 f"Classes in {self.root / split} that the model does not know: {', '.join(unknown)} "
                 f"(known: {', '.join(self.class_names)})."
             )
-        return _flatten(found, self.class_names)
+        return drop_bad_images(*_flatten(found, self.class_names), skip=self.skip_bad_images)
 
     def setup(self, stage: str) -> None:
         if stage == "predict" or self._splits:
             return
         if self._train_found is not None:
-            train_paths, train_labels = _flatten(self._train_found, self.class_names)
+            train_paths, train_labels = drop_bad_images(
+                *_flatten(self._train_found, self.class_names), skip=self.skip_bad_images
+            )
         else:
             train_paths, train_labels = self._split("train")
         if (self.root / "val").is_dir():

@@ -27,6 +27,30 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(_as_array(rgb)).permute(2, 0, 1).contiguous()
 
 
+def image_problem(path: Path) -> str | None:
+    """A cheap check that runs before training: empty, not an image, or visibly truncated.
+
+    Reads the header and the last bytes only, so a whole dataset is checked in seconds; a file that
+    is damaged in the middle still fails later, when it is decoded, naming its path.
+    """
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            kind = image.format
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 32))
+            tail = f.read()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        return f"not a readable image ({err})"
+    if kind == "JPEG" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if kind == "PNG" and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16- and 32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.

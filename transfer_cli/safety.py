@@ -1,0 +1,106 @@
+"""Training that fails safely: atomic checkpoints loaded safely, a stop on non-finite loss, a
+resumable checkpoint on Ctrl-C or SIGTERM, and random state carried across a resume."""
+
+import io
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from transfer_cli.checkpoint import read_checkpoint
+from transfer_cli.errors import NonFiniteLossError, ResourceError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints appear complete under their final name or not at all, and load only as plain data."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ResourceError(
+                f"Cannot write checkpoint {path}: {err.strerror or err}. Earlier checkpoints are intact. "
+                "Free disk space or point trainer.logger.init_args.save_dir at a writable disk, then resume "
+                "with --ckpt_path last."
+            ) from err
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        # Always the safe loader, whatever the caller or an environment variable asks for.
+        checkpoint = read_checkpoint(path)
+        return checkpoint if map_location is None else _to(checkpoint, map_location)
+
+
+def _to(checkpoint: dict[str, Any], map_location: Any) -> dict[str, Any]:
+    if isinstance(map_location, (str, torch.device)):
+        return torch.utils._pytree.tree_map(
+            lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, checkpoint
+        )
+    return checkpoint
+
+
+class NonFiniteLossGuard(Callback):
+    """Stops at the first NaN or infinite loss, before it reaches the weights or a checkpoint."""
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}). Training stopped; the last checkpoint written before it "
+                "is intact. Lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val 1.0), "
+                "or use 32-bit precision."
+            )
+
+
+class InterruptCheckpoint(Callback):
+    """On Ctrl-C or SIGTERM during fit, writes last.ckpt so `--ckpt_path last` continues the run."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+            return
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or checkpoint.dirpath is None:
+            return
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        print(f"transfer: interrupted; resumable checkpoint written to {path}", file=sys.stderr)
+
+
+class RandomState(Callback):
+    """Carries the random generators through a checkpoint, so a resumed run draws the same data order
+    and augmentations as an uninterrupted one."""
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "python": list(random.getstate()[1]),
+            "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2],
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate((state_dict["python_version"], tuple(state_dict["python"]), state_dict["python_gauss"]))
+        kind, keys, *rest = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
