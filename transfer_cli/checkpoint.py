@@ -7,6 +7,7 @@ preprocessing and the versions, in plain types only, so the file loads with `wei
 
 import platform
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path} (--ckpt).")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated, foreign or unsafe files
         raise CheckpointError(f"Cannot load checkpoint {path}: {_load_failure(err)}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -83,6 +86,8 @@ def _load_failure(err: Exception) -> str:
             f"it holds a {unsafe.group(1)} object, which would need code to load; refused for safety. "
             "Only checkpoints written by `transfer fit` are accepted."
         )
+    if "Weights only load failed" in str(err):
+        return "it is not plain data (loading it could run code); refused for safety."
     return f"{type(err).__name__}: the file is truncated, corrupt, or not a checkpoint."
 
 

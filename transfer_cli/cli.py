@@ -1,8 +1,8 @@
 """The `transfer` LightningCLI: Lightning's subcommands and hooks, with checkpoints that describe
 themselves, recipes by name, and stdout kept for data."""
 
-import os
 import sys
+import tempfile
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -12,7 +12,7 @@ import rich
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -28,7 +28,13 @@ from transfer_cli.errors import (
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, resolve_config_args, summarize_parser_error
-from transfer_cli.safety import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossGuard, RandomState
+from transfer_cli.safety import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    NonFiniteLossGuard,
+    RandomState,
+    RunCheckpoint,
+)
 from transfer_cli.writer import PredictionWriter
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -67,7 +73,7 @@ class TransferCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(BackboneFinetuning, "finetuning")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val_acc",
@@ -231,12 +237,17 @@ def _check_same_classes(expected: list[str], datamodule: Any, ckpt: str) -> None
 
 
 def _check_writable(directory: Any) -> None:
-    """Fail before any work when the output location cannot be written (exit 6)."""
+    """Fail before any work when the output location cannot be written (exit 6).
+
+    A real write probe, not os.access: root passes os.access everywhere, read-only mounts included.
+    """
     path = Path(directory).resolve()
     while not path.exists():
         path = path.parent
-    if not os.access(path, os.W_OK):
-        raise ResourceError(f"Cannot write to {path}: permission denied. Choose a writable location.")
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise ResourceError(f"Cannot write to {directory}: {err.strerror or err}. Choose a writable location.") from err
 
 
 def _option_value(args: list[str], name: str) -> str | None:

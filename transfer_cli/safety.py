@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.checkpoint import read_checkpoint
@@ -54,6 +54,28 @@ def _to(checkpoint: dict[str, Any], map_location: Any) -> dict[str, Any]:
             lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, checkpoint
         )
     return checkpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt follows every epoch.
+
+    Lightning 2.6 refreshes last.ckpt only when a best checkpoint is written in the same step, so a
+    run that stops improving would resume from a stale epoch and redo (or lose) work.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class NonFiniteLossGuard(Callback):
