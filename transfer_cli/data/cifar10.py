@@ -66,13 +66,14 @@ def find_batches_dir(root: Path) -> Path | None:
 
 
 def download(root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
     archive = root / "cifar-10-python.tar.gz"
     partial = archive.with_suffix(".part")
     try:
-        with urllib.request.urlopen(ARCHIVE_URL, timeout=30) as response, open(partial, "wb") as out:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
+        with urllib.request.urlopen(ARCHIVE_URL, timeout=30) as response:
+            root.mkdir(parents=True, exist_ok=True)  # only once the server answers: no empty dirs offline
+            with open(partial, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise DataError(
