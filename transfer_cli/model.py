@@ -60,7 +60,8 @@ class TransferModel(L.LightningModule):
         return self.head(self.backbone(inputs))
 
     def _step(self, batch: dict[str, Any], stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
-        logits = self(batch["inputs"])
+        # Cached frozen features (see feature_cache.py) skip the backbone.
+        logits = self.head(batch["features"]) if "features" in batch else self(batch["inputs"])
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         accuracy(logits, labels)

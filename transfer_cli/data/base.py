@@ -83,6 +83,8 @@ class ImageDataModule(L.LightningDataModule):
         self._transform = BatchImageTransform(preprocessing)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "inputs" not in batch:  # cached features: nothing left to preprocess
+            return batch
         augment = self.augment and self.trainer is not None and self.trainer.training
         batch["inputs"] = self._transform(batch["inputs"], augment=augment)
         return batch

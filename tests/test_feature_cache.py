@@ -1,0 +1,45 @@
+"""Frozen-feature caching gives the same training as the uncached path, and only when it is valid."""
+
+import torch
+
+from conftest import run_transfer
+
+
+def _probe(tmp_path, imagefolder_root, env, name: str, *extra: str):
+    cwd = tmp_path / name
+    cwd.mkdir()
+    result = run_transfer(
+        "fit", "--config", "resnet50-cifar10", f"--data.root={imagefolder_root}",
+        "--data=transfer_cli.data.ImageFolderDataModule", "--data.init_args.num_workers=0",
+        "--model.init_args.backbone.init_args.name=resnet18", "--model.init_args.backbone.init_args.weights=null",
+        "--model.init_args.backbone.init_args.image_size=32", "--finetuning.strategy=frozen",
+        # One batch holds the whole training split, so the data order cannot matter.
+        "--data.init_args.batch_size=512", "--trainer.max_epochs=3", "--trainer.accelerator=cpu",
+        "--model.init_args.optimizer.init_args.lr=0.1",
+        *extra,
+        cwd=cwd, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    state = torch.load(cwd / "runs" / "resnet50-cifar10" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    return result.stderr, state["state_dict"]
+
+
+def test_cached_features_train_the_head_like_the_uncached_path(tmp_path, imagefolder_root, offline_env):
+    cached_log, cached = _probe(tmp_path, imagefolder_root, offline_env, "cached", "--data.init_args.augment=false")
+    plain_log, plain = _probe(
+        tmp_path, imagefolder_root, offline_env, "plain",
+        "--data.init_args.augment=false", "--finetuning.cache_features=false",
+    )  # fmt: skip
+    assert "cached frozen features of 270 train and 30 val examples" in cached_log
+    assert "cached" not in plain_log
+    assert not torch.equal(cached["head.1.weight"], torch.zeros_like(cached["head.1.weight"]))
+    for key in ("head.1.weight", "head.1.bias"):
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+    for key in cached:
+        if key.startswith("backbone."):
+            assert torch.equal(cached[key], plain[key]), key
+
+
+def test_random_augmentation_turns_caching_off_and_says_why(tmp_path, imagefolder_root, offline_env):
+    log, _ = _probe(tmp_path, imagefolder_root, offline_env, "augmented", "--trainer.max_epochs=1")
+    assert "not cached: random augmentation" in log
