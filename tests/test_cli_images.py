@@ -171,3 +171,26 @@ def test_every_shipped_config_parses(tmp_path):
             continue
         result = run_transfer("fit", "--config", config, "--print_config", cwd=tmp_path)
         assert result.returncode == 0, f"{config.name}: {result.stderr}"
+
+
+def test_fast_dev_run_trains_a_step_and_writes_nothing(tmp_path, cifar_root, offline_env):
+    result = run_transfer(
+        "fit", "--config", "resnet50-cifar10", f"--data.root={cifar_root}", *TINY_IMAGE_BACKBONE,
+        "--trainer.fast_dev_run=true",
+        cwd=tmp_path, env=offline_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_builds_model_and_data_from_python_without_running(cifar_root):
+    from transfer_cli.cli import TransferCLI
+
+    cli = TransferCLI(
+        args=["--config", str(REPO / "configs" / "resnet50-cifar10.yaml"), f"--data.root={cifar_root}",
+              "--model.init_args.backbone.init_args.weights=null"],
+        run=False,
+    )  # fmt: skip
+    assert cli.model.head[1].in_features == cli.model.backbone.num_features == 2048
+    assert cli.model.head[1].out_features == len(cli.datamodule.class_names) == 10
+    assert cli.datamodule.preprocessing == cli.model.backbone.preprocessing()

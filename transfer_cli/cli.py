@@ -2,14 +2,12 @@
 themselves, recipes by name, and stdout kept for data."""
 
 import sys
-import tempfile
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 import rich
-import torch
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
@@ -17,17 +15,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
-from transfer_cli.errors import (
-    EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
-    CheckpointError,
-    ConfigError,
-    Interrupted,
-    ResourceError,
-)
+from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, resolve_config_args, summarize_parser_error
+from transfer_cli.runs import check_same_classes, check_writable, default_precision, keep_metrics, resolve_last
 from transfer_cli.safety import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
@@ -131,8 +123,12 @@ class TransferCLI(LightningCLI):
 
     # Hooks ------------------------------------------------------------------------------------
 
+    def _subconfig(self) -> Any:
+        """The parsed config of the running subcommand (or the whole config with run=False)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self._subconfig()
         if self.subcommand == "predict":
             if config.get("ckpt") is None:
                 raise ConfigError("transfer predict needs --ckpt: a checkpoint written by `transfer fit`.")
@@ -144,23 +140,23 @@ class TransferCLI(LightningCLI):
             config.trainer.logger = False
             self.save_config_callback = None
         if config.trainer.precision is None:
-            config.trainer.precision = _default_precision(config.trainer.accelerator)
+            config.trainer.precision = default_precision(config.trainer.accelerator)
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            config.ckpt_path = _resolve_last(config.trainer.logger)
+            config.ckpt_path = resolve_last(config.trainer.logger)
             # Continue in the resumed run's own directory instead of opening a new version.
             run_dir = Path(config.ckpt_path).parent.parent
             config.trainer.logger.init_args.version = run_dir.name
-            _keep_metrics(run_dir)
+            keep_metrics(run_dir)
 
     def after_instantiate_classes(self) -> None:
         self.datamodule.connect(self.model.backbone)
         if self._checkpoint is not None:
-            ckpt = self.config[self.subcommand].ckpt
-            _check_same_classes(self._checkpoint["transfer"]["class_names"], self.datamodule, ckpt)
+            ckpt = self._subconfig().ckpt
+            check_same_classes(self._checkpoint["transfer"]["class_names"], self.datamodule, ckpt)
             load_weights(self.model, self._checkpoint, ckpt)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self.config[self.subcommand]
+        config = self._subconfig()
         dump = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         callbacks.append(CheckpointMetadata(dump["model"], dump["data"]))
@@ -182,7 +178,7 @@ class TransferCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         # Data errors surface here, before the logger creates a run directory or workers start.
         self.datamodule.setup("fit")
-        _check_writable(self.trainer.log_dir if self.trainer.logger else self.trainer.default_root_dir)
+        check_writable(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is None in fast_dev_run
         self._run(self.trainer.fit, **kwargs)
 
     def validate(self, **kwargs: Any) -> None:
@@ -196,7 +192,7 @@ class TransferCLI(LightningCLI):
     def predict(self, **kwargs: Any) -> None:
         output = self.config.predict.get("output")
         if output not in (None, "-"):
-            _check_writable(Path(output).parent)
+            check_writable(Path(output).parent)
         self._run(self.trainer.predict, **kwargs)
 
     def _run(self, fn: Any, **kwargs: Any) -> None:
@@ -213,7 +209,7 @@ class TransferCLI(LightningCLI):
     def after_fit(self) -> None:
         print_metrics("fit", _epoch_metrics(self.trainer))
         best = self.trainer.checkpoint_callback
-        if best is not None and best.last_model_path:
+        if best is not None and best.last_model_path and Path(best.last_model_path).is_file():
             print(f"checkpoints: {Path(best.last_model_path).parent}", file=sys.stderr)
 
     def after_validate(self) -> None:
@@ -221,33 +217,6 @@ class TransferCLI(LightningCLI):
 
     def after_test(self) -> None:
         print_metrics("test", _epoch_metrics(self.trainer))
-
-
-def _check_same_classes(expected: list[str], datamodule: Any, ckpt: str) -> None:
-    found = datamodule.data_class_names() if hasattr(datamodule, "data_class_names") else None
-    if found is None or list(found) == list(expected):
-        return
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    detail = (
-        f"missing from the data: {missing}; not in the checkpoint: {extra}"
-        if missing or extra
-        else (f"same classes in another order: checkpoint {expected}, data {found}")
-    )
-    raise CheckpointError(f"The data's classes differ from those {ckpt} was trained on ({detail}).")
-
-
-def _check_writable(directory: Any) -> None:
-    """Fail before any work when the output location cannot be written (exit 6).
-
-    A real write probe, not os.access: root passes os.access everywhere, read-only mounts included.
-    """
-    path = Path(directory).resolve()
-    while not path.exists():
-        path = path.parent
-    try:
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
-        raise ResourceError(f"Cannot write to {directory}: {err.strerror or err}. Choose a writable location.") from err
 
 
 def _option_value(args: list[str], name: str) -> str | None:
@@ -262,34 +231,6 @@ def _option_value(args: list[str], name: str) -> str | None:
 def _has_progress_bar(callbacks: Any) -> bool:
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     return any(isinstance(c, ProgressBar) for c in callbacks if c is not None)
-
-
-def _default_precision(accelerator: Any) -> str:
-    """bf16 mixed precision where the accelerator has it, full precision elsewhere."""
-    wants_cuda = str(accelerator) in ("auto", "gpu", "cuda")
-    if wants_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
-
-
-def _resolve_last(logger: Any) -> str:
-    """`--ckpt_path last`: the newest last.ckpt among this recipe's earlier runs."""
-    init_args = getattr(logger, "init_args", None) or {}
-    root = Path(init_args.get("save_dir", "runs")) / str(init_args.get("name", "transfer"))
-    found = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to resume from.")
-    return str(found[-1])
-
-
-def _keep_metrics(run_dir: Path) -> None:
-    """Lightning's CSV logger deletes metrics.csv when it reopens a run; keep the earlier segment."""
-    metrics = run_dir / "metrics.csv"
-    if metrics.is_file():
-        segment = 1
-        while (run_dir / f"metrics-segment{segment}.csv").exists():
-            segment += 1
-        metrics.rename(run_dir / f"metrics-segment{segment}.csv")
 
 
 def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
