@@ -112,7 +112,11 @@ def config_from_checkpoint(checkpoint: dict[str, Any], keep_data_root: bool) -> 
     meta = checkpoint["transfer"]
     model = _deep_copy(meta["model"])
     backbone = model.setdefault("init_args", {}).setdefault("backbone", {})
-    backbone.setdefault("init_args", {}).update(meta.get("backbone_offline_init_args") or {})
+    backbone_args = backbone.setdefault("init_args", {})
+    backbone_args.update(meta.get("backbone_offline_init_args") or {})
+    if "trust_remote_code" in backbone_args:
+        # Never implied by a checkpoint: running code from a hub repository takes the user's own flag.
+        backbone_args["trust_remote_code"] = False
     data = _deep_copy(meta["data"])
     data_args = data.setdefault("init_args", {})
     data_args["class_names"] = list(meta["class_names"])

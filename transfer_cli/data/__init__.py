@@ -2,5 +2,7 @@
 
 from transfer_cli.data.cifar10 import CIFAR10DataModule
 from transfer_cli.data.image_folder import ImageFolderDataModule
+from transfer_cli.data.mnli import MNLIDataModule
+from transfer_cli.data.text_files import TextClassificationDataModule
 
-__all__ = ["CIFAR10DataModule", "ImageFolderDataModule"]
+__all__ = ["CIFAR10DataModule", "ImageFolderDataModule", "MNLIDataModule", "TextClassificationDataModule"]
