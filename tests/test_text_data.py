@@ -299,3 +299,20 @@ def test_predict_input_errors(tmp_path):
     bad = _write(tmp_path / "in.txt", "hello\n")
     with pytest.raises(DataError, match="unsupported file type"):
         TextClassificationDataModule(class_names=["x"], predict_input=str(bad)).predict_rows()
+
+
+def test_length_grouped_batches_cover_every_example_once_with_little_padding():
+    import numpy as np
+    import torch
+
+    from transfer_cli.data.text import LengthGroupedBatches
+
+    torch.manual_seed(0)
+    lengths = np.random.default_rng(0).integers(5, 128, size=1000)
+    batches = list(LengthGroupedBatches(lengths, batch_size=32, window=10))
+    assert sorted(i for b in batches for i in b) == list(range(1000)) and len(batches) == 32
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    random_batches = torch.randperm(1000).split(32)
+    padded_random = sum(len(b) * lengths[b.numpy()].max() for b in random_batches)
+    assert padded < 0.7 * padded_random  # far less padding than plain shuffling
+    assert list(LengthGroupedBatches(lengths, 32)) != batches  # a new order every epoch

@@ -1,5 +1,7 @@
 """The one transfer model: an injected backbone, a head sized from it, and a classification loss."""
 
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,7 @@ class TransferModel(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         backbone_lr_factor: float = 1.0,
         label_smoothing: float = 0.0,
+        compile: bool = False,
     ):
         """A pretrained backbone with a new classification head.
 
@@ -42,6 +45,8 @@ class TransferModel(L.LightningModule):
             backbone_lr_factor: The backbone trains at the optimizer's learning rate times this
                 factor (whenever the finetuning strategy lets it train).
             label_smoothing: Label smoothing of the cross-entropy loss.
+            compile: Compile backbone and head with torch.compile (the first step then includes the
+                compilation, reported on stderr).
         """
         super().__init__()
         self.backbone = backbone
@@ -51,10 +56,28 @@ class TransferModel(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.backbone_lr_factor = backbone_lr_factor
         self.label_smoothing = label_smoothing
+        self.compile_modules = compile
+        self._first_step_started: float | None = None  # set while the first (compiling) step runs
         num_classes = len(self.class_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def configure_model(self) -> None:
+        if self.compile_modules:
+            # In place (nn.Module.compile), so parameter names and checkpoints stay the same.
+            self.backbone.compile()
+            self.head.compile()
+
+    def on_train_start(self) -> None:
+        if self.compile_modules:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._first_step_started is not None:
+            seconds = time.perf_counter() - self._first_step_started
+            print(f"transfer: first training step, including torch.compile: {seconds:.1f}s", file=sys.stderr)
+            self._first_step_started = None
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.head(self.backbone(inputs))

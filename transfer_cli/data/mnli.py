@@ -59,6 +59,7 @@ class MNLIDataModule(TextDataModule):
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        group_by_length: bool = False,
         predict_input: str | None = None,
     ):
         """MultiNLI sentence pairs in the GLUE layout; val is dev_matched, test is dev_mismatched.
@@ -73,6 +74,8 @@ class MNLIDataModule(TextDataModule):
             max_length: Longest tokenized pair; longer ones are truncated (and counted).
             batch_size: Pairs per batch.
             num_workers: Loader worker processes; tokens live in memory, so 0 is fast.
+            group_by_length: Batch training examples of similar length together (shuffled batches,
+                less padding, faster epochs).
             predict_input: Pairs to predict on (set by `transfer predict --input`): a TSV/CSV/JSONL
                 file with sentence1 and sentence2 columns, or - for premise<TAB>hypothesis lines on stdin.
         """
@@ -84,6 +87,7 @@ class MNLIDataModule(TextDataModule):
             max_length,
             batch_size,
             num_workers,
+            group_by_length,
             predict_input,
         )
         self.root = None if root is None else Path(root).expanduser()

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from transfer_cli.data.text_records import TABLE_SUFFIXES, Rows, field_text, read_records
@@ -96,6 +96,31 @@ class PadCollate:
         return {"inputs": inputs, "ids": [item["id"] for item in items]}
 
 
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of examples of similar length, so little of each batch is padding.
+
+    Examples are shuffled, cut into windows of `window` batches, sorted by length inside each window,
+    and the resulting batches are shuffled again: random like plain shuffling at the batch level,
+    but with near-uniform lengths inside a batch (the HuggingFace Trainer's group_by_length).
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, window: int = 50):
+        self.lengths, self.batch_size, self.window = torch.as_tensor(lengths), batch_size, window
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths))
+        size = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        yield from (batches[i] for i in torch.randperm(len(batches)).tolist())
+
+
 class TextDataModule(L.LightningDataModule):
     """Base class: subclasses say where each split's labelled rows come from (`split_rows`)."""
 
@@ -111,9 +136,11 @@ class TextDataModule(L.LightningDataModule):
         max_length: int,
         batch_size: int,
         num_workers: int,
+        group_by_length: bool,
         predict_input: str | None,
     ):
         super().__init__()
+        self.group_by_length = group_by_length
         if len(text_columns) not in (1, 2):
             raise ConfigError(f"data.text_columns: one column (a sentence) or two (a pair), not {list(text_columns)}.")
         self.text_columns = tuple(text_columns)
@@ -249,7 +276,11 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["train"], shuffle=True)
+        dataset = self._datasets["train"]
+        if not self.group_by_length:
+            return self._loader(dataset, shuffle=True)
+        batches = LengthGroupedBatches(np.diff(dataset.offsets), self.batch_size)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._datasets["val"], shuffle=False)

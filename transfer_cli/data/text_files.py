@@ -22,6 +22,7 @@ class TextClassificationDataModule(TextDataModule):
         max_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        group_by_length: bool = False,
         predict_input: str | None = None,
     ):
         """Your own labelled texts: root/train.{csv,tsv,jsonl}, optionally val.* and test.* alike.
@@ -38,10 +39,20 @@ class TextClassificationDataModule(TextDataModule):
             max_length: Longest tokenized example; longer ones are truncated (and counted).
             batch_size: Examples per batch.
             num_workers: Loader worker processes; tokens live in memory, so 0 is fast.
+            group_by_length: Batch training examples of similar length together (shuffled batches,
+                less padding, faster epochs).
             predict_input: Texts to predict on (set by `transfer predict --input`).
         """
         super().__init__(
-            text_columns, label_column, id_column, class_names, max_length, batch_size, num_workers, predict_input
+            text_columns,
+            label_column,
+            id_column,
+            class_names,
+            max_length,
+            batch_size,
+            num_workers,
+            group_by_length,
+            predict_input,
         )
         self.root = None if root is None else Path(root).expanduser()
         self.val_fraction, self.seed = val_fraction, seed
