@@ -5,6 +5,7 @@ record it like every other backbone, and `CheckpointBackbone` can later reuse it
 a classification head. `transfer predict` on an autoencoder checkpoint emits the representations.
 """
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +24,21 @@ from transfer_cli.model import default_optimizer
 # these (not ImageNet's) are the statistics its inputs are normalised with.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# Each of the encoder's strided convolutions halves the image side (the decoder mirrors them).
+# Each of the encoder's stride-2 convolutions halves the image side; the decoder mirrors them.
 NUM_DOWNSAMPLES = 3
 
 
-def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
-    kernel = 4 if stride == 2 else 3  # 4x4 with stride 2 halves the side exactly, without overlap bias
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=1, bias=False),
+        nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
 
 
-def _deconv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+def _upsample(in_channels: int, out_channels: int) -> nn.ConvTranspose2d:
+    # Kernel 3, padding 1, output_padding 1: exactly doubles the side, mirroring _conv_block.
+    return nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
 
 
 class ConvEncoder(Backbone):
@@ -50,7 +47,7 @@ class ConvEncoder(Backbone):
 
         Args:
             num_features: Size of the representation (what a classification head receives).
-            width: Channels of the first convolution; each downsampling doubles them.
+            width: Channels of the first convolution; each further downsampling doubles them.
             image_size: Side of the square input images in pixels; a multiple of 8.
         """
         super().__init__()
@@ -63,13 +60,10 @@ class ConvEncoder(Backbone):
         self.num_features = num_features
         self.width = width
         self.image_size = image_size
-        channels = [width * 2**i for i in range(NUM_DOWNSAMPLES + 1)]
-        self.features = nn.Sequential(
-            _conv_block(3, channels[0], stride=1),
-            *(_conv_block(c_in, c_out, stride=2) for c_in, c_out in zip(channels, channels[1:])),
-        )
-        self.map_channels, self.map_size = channels[-1], image_size // factor
-        self.project = nn.Linear(self.map_channels * self.map_size**2, num_features)
+        self.channels = [3, *(width * 2**i for i in range(NUM_DOWNSAMPLES))]
+        self.features = nn.Sequential(*(_conv_block(a, b) for a, b in zip(self.channels, self.channels[1:])))
+        self.map_shape = (self.channels[-1], image_size // factor, image_size // factor)
+        self.project = nn.Linear(math.prod(self.map_shape), num_features)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(inputs).flatten(1))
@@ -89,17 +83,18 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, encoder: ConvEncoder):
         super().__init__()
-        channels = [encoder.width * 2**i for i in range(NUM_DOWNSAMPLES + 1)]
-        self.map_channels, self.map_size = encoder.map_channels, encoder.map_size
-        self.project = nn.Linear(encoder.num_features, self.map_channels * self.map_size**2)
-        widest_first = channels[::-1]
-        self.upsample = nn.Sequential(*(_deconv_block(a, b) for a, b in zip(widest_first, widest_first[1:])))
-        # No output activation: the target is the normalised image, which is not bounded to [0, 1].
-        self.to_image = nn.Conv2d(channels[0], 3, 3, padding=1)
+        self.map_shape = encoder.map_shape
+        self.project = nn.Linear(encoder.num_features, math.prod(self.map_shape))
+        widest_first = encoder.channels[::-1]
+        layers: list[nn.Module] = []
+        for a, b in zip(widest_first, widest_first[1:]):
+            layers += [_upsample(a, b), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+        # No BatchNorm or activation after the last layer: the target is the normalised image.
+        self.upsample = nn.Sequential(*layers[:-2])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        maps = F.relu(self.project(features)).view(-1, self.map_channels, self.map_size, self.map_size)
-        return self.to_image(self.upsample(maps))
+        maps = F.relu(self.project(features)).view(-1, *self.map_shape)
+        return self.upsample(maps)
 
 
 class Autoencoder(L.LightningModule):

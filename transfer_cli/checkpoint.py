@@ -74,8 +74,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} was not written by transfer (no 'transfer' section), so it cannot describe its model. "
             "Use a checkpoint from `transfer fit`."
         )
-    _check_class_paths(meta["model"], path)
-    _check_class_paths(meta["data"], path)
+    for section in ("model", "data", "backbone_offline_init_args"):
+        _check_class_paths(meta.get(section), path)
     return checkpoint
 
 

@@ -13,22 +13,22 @@ from jsonargparse import ArgumentParser
 
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.checkpoint import ALLOWED_CLASS_PREFIXES, read_checkpoint
-from transfer_cli.errors import CheckpointError, ConfigError
+from transfer_cli.errors import CheckpointError, ConfigError, TransferError
 
 OPTION = "model.init_args.backbone.init_args.checkpoint"
 STATE_PREFIX = "backbone."
 
 
 class CheckpointBackbone(Backbone):
-    def __init__(self, checkpoint: str | None = None, source: dict[str, Any] | None = None):
+    def __init__(self, checkpoint: str | None = None, source: Backbone | None = None):
         """The backbone of a checkpoint written by `transfer fit` (an autoencoder's encoder, or a
         finetuned classifier's feature extractor), with its weights.
 
         Args:
             checkpoint: Path to that checkpoint (`.ckpt`).
-            source: The stored backbone's config (`class_path`, `init_args`) to rebuild it without the
-                file, randomly initialised; transfer sets this in the checkpoints it writes, whose
-                weights are restored afterwards. Leave null and give `checkpoint`.
+            source: The stored backbone itself, in its offline form and randomly initialised;
+                transfer sets it (and clears `checkpoint`) in the checkpoints it writes, which then
+                restore its weights. Leave null and give `checkpoint`.
         """
         super().__init__()
         if checkpoint is not None and checkpoint.lower() in ("none", "null"):
@@ -39,16 +39,20 @@ class CheckpointBackbone(Backbone):
                 f"CheckpointBackbone needs a checkpoint: set {OPTION} to a .ckpt file written by `transfer fit`, "
                 "e.g. runs/autoencoder-cifar10/version_0/checkpoints/last.ckpt."
             )
+        if checkpoint is not None and source is not None:
+            raise ConfigError(
+                f"CheckpointBackbone takes checkpoint or source, not both: clear one of {OPTION} and "
+                "model.init_args.backbone.init_args.source."
+            )
         self.checkpoint = checkpoint
-        state = None
+        # The stored backbone's config, kept to rebuild it without the file (see offline_init_args).
+        self._source_config: dict[str, Any] | None = None
         if checkpoint is not None:
-            source, state = _read_source(Path(checkpoint))
-        _check_class_paths(source, checkpoint)
-        self.source = source
-        self.encoder = _build(source, checkpoint)
-        if state is not None:
-            _load(self.encoder, state, checkpoint)
-        self.num_features = self.encoder.num_features
+            self._source_config, state = _read_source(Path(checkpoint))
+            source = _build(self._source_config, checkpoint)
+            _load(source, state, checkpoint)
+        self.encoder = source
+        self.num_features = source.num_features
 
     def forward(self, inputs: Any) -> Any:
         return self.encoder(inputs)
@@ -59,9 +63,12 @@ class CheckpointBackbone(Backbone):
 
     def offline_init_args(self) -> dict[str, Any]:
         # The file is not needed again: the architecture comes from `source`, the weights from the
-        # checkpoint that stores these args. The inner backbone's own offline args apply as well.
-        init_args = {**(self.source.get("init_args") or {}), **self.encoder.offline_init_args()}
-        return {"checkpoint": None, "source": {"class_path": self.source["class_path"], "init_args": init_args}}
+        # checkpoint that stores these args.
+        if self._source_config is None:
+            # Built from `source`: the model config saved beside these args already holds it.
+            return {"checkpoint": None}
+        init_args = {**(self._source_config.get("init_args") or {}), **self.encoder.offline_init_args()}
+        return {"checkpoint": None, "source": {"class_path": self._source_config["class_path"], "init_args": init_args}}
 
 
 def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -70,7 +77,10 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(
             f"Backbone checkpoint not found: {path} ({OPTION}). Give a .ckpt file written by `transfer fit`."
         )
-    checkpoint = read_checkpoint(path)
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{OPTION}: {err}") from err
     meta = checkpoint["transfer"]
     stored = ((meta.get("model") or {}).get("init_args") or {}).get("backbone")
     if not isinstance(stored, dict) or not isinstance(stored.get("class_path"), str):
@@ -86,14 +96,14 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return source, weights
 
 
-def _check_class_paths(node: Any, checkpoint: str | None) -> None:
-    """`source` comes out of a checkpoint: refuse anything that would import untrusted code."""
+def _check_class_paths(node: Any, checkpoint: str) -> None:
+    """Refuse a stored backbone config that would import code from outside the trusted packages."""
     if isinstance(node, dict):
         class_path = node.get("class_path")
         trusted = isinstance(class_path, str) and class_path.startswith(ALLOWED_CLASS_PREFIXES)
         if class_path is not None and not trusted:
             raise CheckpointError(
-                f"The backbone source of {_where(checkpoint)} names class {class_path!r}, outside the trusted packages "
+                f"The backbone config in {checkpoint} names class {class_path!r}, outside the trusted packages "
                 f"({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refusing to load it."
             )
         for value in node.values():
@@ -103,28 +113,35 @@ def _check_class_paths(node: Any, checkpoint: str | None) -> None:
             _check_class_paths(value, checkpoint)
 
 
-def _where(checkpoint: str | None) -> str:
-    return checkpoint if checkpoint is not None else "model.init_args.backbone.init_args.source"
-
-
-def _build(source: dict[str, Any], checkpoint: str | None) -> Backbone:
-    """Instantiate the stored backbone the way the CLI would: jsonargparse, its signature as schema."""
+def _build(config: dict[str, Any], checkpoint: str) -> Backbone:
+    """Instantiate the stored backbone the way the CLI does: jsonargparse, the signature as schema."""
+    _check_class_paths(config, checkpoint)  # before jsonargparse imports anything it names
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Backbone, "backbone", required=True)
+    # jsonargparse 4.49 renamed instantiate_classes to instantiate; the oldest supported has only the former.
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
-        config = parser.parse_object({"backbone": source})
-        return parser.instantiate_classes(config).backbone
-    except CheckpointError:
-        raise
-    except ConfigError as err:
-        # The stored backbone's own checks (a missing file, unknown names): in this context it is
-        # the checkpoint that holds the bad config.
-        raise CheckpointError(f"Cannot rebuild the backbone of {_where(checkpoint)}: {err}") from err
-    except Exception as err:  # jsonargparse raises its own error types for configs that do not fit
+        return instantiate(parser.parse_object({"backbone": config})).backbone
+    except Exception as err:  # jsonargparse raises (and wraps) its own error types
+        cause = _transfer_error(err)
+        if isinstance(cause, CheckpointError):
+            raise cause from err
+        # A ConfigError of the stored backbone (a missing weights file, an unknown name) is, here,
+        # a checkpoint that holds a config this installation cannot rebuild.
+        detail = str(cause) if cause is not None else " ".join(line.strip() for line in str(err).splitlines())
         raise CheckpointError(
-            f"Cannot rebuild the backbone {source.get('class_path')!r} of {_where(checkpoint)} with this version of "
-            f"transfer: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"Cannot rebuild the backbone {config.get('class_path')!r} stored in {checkpoint} ({OPTION}): {detail}"
         ) from err
+
+
+def _transfer_error(err: BaseException | None) -> TransferError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, TransferError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _load(encoder: Backbone, state: dict[str, Any], checkpoint: str) -> None:
