@@ -115,3 +115,36 @@ def test_resize_center_crop_and_augmentation_keep_shapes():
     assert flipped.shape == batch.shape
     # Every output row is a window of the reflect-padded input, so values stay within the input's range.
     assert flipped.min() >= 0 and flipped.max() <= 255 and not np.isnan(flipped.numpy()).any()
+
+
+def test_file_images_and_in_memory_images_reach_the_backbone_alike(cifar_root, tmp_path):
+    """The same picture from a PNG file (ImageFolder, predict) and from the CIFAR pickle (training)
+    must give the backbone the same tensor, at the native size and upscaled."""
+    from transfer_cli.backbones import ImagePreprocessing
+    from transfer_cli.data.base import ImageFiles
+    from transfer_cli.data.image_ops import BatchImageTransform
+
+    images, _ = read_batch(cifar_root / "cifar-10-batches-py" / "test_batch")
+    path = tmp_path / "first.png"
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(path)
+    for crop, resize in ((32, 33), (64, 73)):
+        prep = ImagePreprocessing(crop, resize, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
+        transform = BatchImageTransform(prep)
+        from_file = transform(ImageFiles([path], prep)[0]["inputs"][None], augment=False)
+        from_memory = transform(images[:1], augment=False)
+        assert from_file.shape == (1, 3, crop, crop)
+        # Files are resized to uint8 in the workers: at most half a grey level (0.5/255/std) apart.
+        torch.testing.assert_close(from_file, from_memory, rtol=0, atol=0.5 / 255 / 0.25 + 1e-6)
+
+
+def test_resize_center_crop_matches_torchvision_weights_transforms(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.ResNet18_Weights.DEFAULT.transforms(antialias=True)
+    image = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    ours = resize_center_crop(image, reference.resize_size[0], reference.crop_size[0], "bilinear")
+    theirs = torchvision.transforms.functional.center_crop(
+        torchvision.transforms.functional.resize(image, reference.resize_size, antialias=True), reference.crop_size
+    )
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert (ours.int() - theirs.int()).abs().max() <= 1  # rounding of the interpolation only

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -55,15 +56,18 @@ def use_cached_features(trainer: L.Trainer, pl_module: L.LightningModule) -> Non
     """Replace the datamodule's train and val loaders with loaders over cached features."""
     datamodule = trainer.datamodule
     start = time.perf_counter()
-    train = compute_features(trainer, pl_module, datamodule.train_dataloader())
-    val = compute_features(trainer, pl_module, datamodule.val_dataloader())
-    print(
-        f"transfer: cached frozen features of {len(train)} train and {len(val)} val examples "
-        f"in {time.perf_counter() - start:.1f}s; the head trains on them from now on",
-        file=sys.stderr,
-    )
     batch_size = datamodule.batch_size
+    train = compute_features(trainer, pl_module, datamodule.train_dataloader())
     # Instance attributes shadow the datamodule's methods: Lightning asks the datamodule for its
     # loaders by name, and the datamodule classes stay unaware of the cache.
     datamodule.train_dataloader = lambda: _FeatureBatches(train, batch_size, shuffle=True)
-    datamodule.val_dataloader = lambda: _FeatureBatches(val, batch_size, shuffle=False)
+    cached = f"{len(train)} train"
+    if trainer.limit_val_batches != 0 and is_overridden("val_dataloader", datamodule):
+        val = compute_features(trainer, pl_module, datamodule.val_dataloader())
+        datamodule.val_dataloader = lambda: _FeatureBatches(val, batch_size, shuffle=False)
+        cached += f" and {len(val)} val"
+    print(
+        f"transfer: cached frozen features of {cached} examples in {time.perf_counter() - start:.1f}s; "
+        "the head trains on them from now on",
+        file=sys.stderr,
+    )

@@ -90,13 +90,15 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, dataset: Dataset, shuffle: bool, collate_fn: Any = None) -> DataLoader:
+        # No more workers than batches: starting processes costs more than a batch or two of images.
+        workers = max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             collate_fn=collate_fn,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
         )

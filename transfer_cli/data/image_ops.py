@@ -76,33 +76,33 @@ def _as_array(image: Image.Image):
 def resize_center_crop(images: torch.Tensor, resize: int, crop: int, interpolation: str) -> torch.Tensor:
     """Resize the shorter side to `resize`, then take the central `crop` x `crop` square.
 
-    Takes a batch [B, C, H, W] or one image [C, H, W].
+    Takes a batch [B, C, H, W] or one image [C, H, W]. An image already `crop` x `crop` is taken as
+    it is, which makes the step idempotent: file images are brought to size in the loader workers,
+    in-memory ones (CIFAR-10) on the device, and both then look alike to the backbone.
     """
     if images.dim() == 3:
         return resize_center_crop(images[None], resize, crop, interpolation)[0]
     height, width = images.shape[-2:]
-    if (height, width) != (crop, crop) or resize != crop:
-        scale = resize / min(height, width)
-        size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
-        if size != (height, width):
-            was_uint8 = images.dtype == torch.uint8
-            resized = F.interpolate(
-                images.float(), size=size, mode=interpolation, align_corners=False, antialias=scale < 1
-            )
-            images = resized.round().clamp(0, 255).to(torch.uint8) if was_uint8 else resized
-        top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
-        images = images[..., top : top + crop, left : left + crop]
-    return images
+    if (height, width) == (crop, crop):
+        return images
+    scale = resize / min(height, width)
+    size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+    if size != (height, width):
+        was_uint8 = images.dtype == torch.uint8
+        resized = F.interpolate(images.float(), size=size, mode=interpolation, align_corners=False, antialias=scale < 1)
+        images = resized.round().clamp(0, 255).to(torch.uint8) if was_uint8 else resized
+    top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+    return images[..., top : top + crop, left : left + crop]
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image random crop after reflect padding, and random horizontal flip, for a whole batch."""
     batch, _, height, width = images.shape
-    device = images.device
+    device = images.device  # random numbers are drawn where the batch is: no host-device copies
     if padding > 0:
         padded = F.pad(images, (padding, padding, padding, padding), mode="reflect")
-        offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
-        offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+        offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
+        offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
         rows = (offset_y[:, None] + torch.arange(height, device=device))[:, None, :, None]
         cols = (offset_x[:, None] + torch.arange(width, device=device))[:, None, None, :]
         images = padded[
@@ -111,7 +111,7 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
             rows,
             cols,
         ]
-    flip = (torch.rand(batch, generator=generator) < 0.5).to(device)[:, None, None, None]
+    flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[:, None, None, None]
     return torch.where(flip, images.flip(-1), images)
 
 
@@ -121,6 +121,7 @@ class BatchImageTransform:
     def __init__(self, preprocessing: ImagePreprocessing, channels_last: bool = True):
         self.preprocessing = preprocessing
         self.channels_last = channels_last
+        self._scale: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
         p = self.preprocessing
@@ -129,9 +130,17 @@ class BatchImageTransform:
             # Crop at the native resolution (CIFAR's classic pad-4-of-32), then scale like evaluation.
             images = random_crop_flip(images, padding=max(1, images.shape[-1] // 8))
         images = resize_center_crop(images, p.resize_size, p.crop_size, p.interpolation)
-        mean = torch.tensor(p.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(p.std, device=images.device).view(1, 3, 1, 1) * 255.0
+        mean, std = self._mean_std(images.device)
         images = (images - mean) / std
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made once per device: building them per batch is a blocking host-to-device copy each time.
+        if device not in self._scale:
+            p = self.preprocessing
+            mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(p.std, device=device).view(1, 3, 1, 1) * 255.0
+            self._scale[device] = (mean, std)
+        return self._scale[device]
