@@ -19,6 +19,7 @@ from torch import nn
 from transfer_cli.backbones.base import Backbone, ImagePreprocessing
 from transfer_cli.errors import ConfigError
 from transfer_cli.model import default_optimizer
+from transfer_cli.schedules import optimizers
 
 # CIFAR-10 training-set channel statistics: the encoder is trained from scratch on CIFAR-10, so
 # these (not ImageNet's) are the statistics its inputs are normalised with.
@@ -163,14 +164,7 @@ class Autoencoder(L.LightningModule):
             save_preview(*preview, self.backbone.preprocessing(), path)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        interval = getattr(scheduler, "interval", "epoch")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return optimizers(self.optimizer_factory(self.parameters()), self.lr_scheduler_factory, self.trainer)
 
 
 def save_preview(

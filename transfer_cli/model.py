@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.heads import LinearHead
+from transfer_cli.schedules import optimizers
 
 HeadFactory = Callable[[int, int], nn.Module]
 
@@ -133,10 +134,4 @@ class TransferModel(L.LightningModule):
         )
         backbone_group = optimizer.param_groups[1]
         backbone_group["lr"] = backbone_group["lr"] * self.backbone_lr_factor
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        interval = getattr(scheduler, "interval", "epoch")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return optimizers(optimizer, self.lr_scheduler_factory, self.trainer)

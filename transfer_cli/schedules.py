@@ -1,7 +1,7 @@
 """Learning-rate schedules that span the whole run and learn its length from the trainer."""
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -36,8 +36,23 @@ class WarmupDecay(LambdaLR):
         self.total_steps = total_steps
         super().__init__(optimizer, self._factor)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the run's length and apply the learning rate of the current step under it."""
+        self.total_steps = total_steps
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self._factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A resumed run may be longer than the one that saved it (more epochs): its own length wins,
+        # otherwise the schedule would already have decayed to zero.
+        total_steps = self.total_steps
+        super().load_state_dict(state_dict)
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
+
     def _factor(self, step: int) -> float:
-        if self.total_steps is None:  # only during construction, before the trainer has told us
+        if self.total_steps is None:  # only during construction; set_total_steps() applies the real one
             return 0.0
         total = max(1, self.total_steps)
         warmup = int(self.warmup_fraction * total)
@@ -47,3 +62,14 @@ class WarmupDecay(LambdaLR):
         if self.decay == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress
+
+
+def optimizers(optimizer: Optimizer, lr_scheduler_factory: Any, trainer: Any) -> Any:
+    """What configure_optimizers returns: the optimizer, with its schedule when there is one."""
+    if lr_scheduler_factory is None:
+        return optimizer
+    scheduler = lr_scheduler_factory(optimizer)
+    if isinstance(scheduler, WarmupDecay) and scheduler.total_steps is None:
+        scheduler.set_total_steps(int(trainer.estimated_stepping_batches))
+    interval = getattr(scheduler, "interval", "epoch")
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
