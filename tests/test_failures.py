@@ -348,3 +348,57 @@ def test_readme_documents_every_exit_code():
     for code in ("| 0 ", "| 2 ", "| 3 ", "| 4 ", "| 5 ", "| 6 ", "| 130 ", "| 143 "):
         assert code in readme
     assert "--debug" in readme and "TRANSFER_DEBUG" in readme
+
+
+# Found in review ------------------------------------------------------------------------------
+
+
+def test_settings_lightning_rejects_are_config_errors(tmp_path, cifar_root, trained, imagefolder_root, env):
+    gpu = run_transfer(*_fit_args(cifar_root, "--trainer.accelerator=gpu"), cwd=tmp_path, env=env)
+    _assert_clean_failure(gpu, 2, "--trainer")
+    folder = imagefolder_root / "test"
+    for flag, fragment in (("--topk=0", "--topk 0"), ("--trainer.devices=2", "one device")):
+        result = run_transfer("predict", "--ckpt", trained, "--input", folder, flag, cwd=tmp_path, env=env)
+        _assert_clean_failure(result, 2, fragment)
+
+
+def test_a_checkpoint_naming_a_callable_outside_the_trusted_packages_is_refused(tmp_path, trained, env):
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    checkpoint["transfer"]["model"]["init_args"]["head"] = "this.s"  # importing `this` prints a poem
+    bad = tmp_path / "callable.ckpt"
+    torch.save(checkpoint, bad)
+    result = run_transfer("predict", "--ckpt", bad, "--input", "-", cwd=tmp_path, env=env, stdin="")
+    _assert_clean_failure(result, 4, "this.s")
+    assert result.stdout == "" and "Beautiful is better" not in result.stderr
+
+
+def test_sigterm_during_predict_exits_143_and_leaves_no_output(tmp_path, trained, imagefolder_root, env):
+    out = tmp_path / "preds.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transfer_cli", "predict", "--ckpt", str(trained), "--input", str(imagefolder_root),
+         "--output", str(out), "--data.init_args.batch_size=1", "--data.init_args.num_workers=0"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".preds.jsonl.*.tmp")) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 143, stderr[-2000:]
+    assert "SIGTERM" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_progress_bar_of_your_own_replaces_ours(tmp_path, cifar_root, env):
+    result = run_transfer(
+        *_fit_args(cifar_root, "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"),
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_feature_cache_respects_the_debug_limits(tmp_path, cifar_root, env):
+    result = run_transfer(*_fit_args(cifar_root, "--data.init_args.augment=false"), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "not cached: the run uses part of the data" in result.stderr

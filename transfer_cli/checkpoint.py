@@ -91,15 +91,20 @@ def _load_failure(err: Exception) -> str:
     return f"{type(err).__name__}: the file is truncated, corrupt, or not a checkpoint."
 
 
+# Keys whose value jsonargparse imports: class paths, and callables given as a plain dotted name.
+IMPORTED_KEYS = ("class_path", "head", "optimizer", "lr_scheduler")
+
+
 def _check_class_paths(node: Any, path: Path) -> None:
     """Refuse configs that would import code from outside the trusted packages."""
     if isinstance(node, dict):
-        class_path = node.get("class_path")
-        if isinstance(class_path, str) and not class_path.startswith(ALLOWED_CLASS_PREFIXES):
-            raise CheckpointError(
-                f"Checkpoint {path} names class {class_path!r}, outside the trusted packages "
-                f"({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refusing to load it."
-            )
+        for key in IMPORTED_KEYS:
+            name = node.get(key)
+            if isinstance(name, str) and not name.startswith(ALLOWED_CLASS_PREFIXES):
+                raise CheckpointError(
+                    f"Checkpoint {path} names {name!r} ({key}), outside the trusted packages "
+                    f"({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refusing to load it."
+                )
         for value in node.values():
             _check_class_paths(value, path)
     elif isinstance(node, list):

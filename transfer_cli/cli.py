@@ -135,6 +135,11 @@ class TransferCLI(LightningCLI):
             if config.get("input") is None:
                 raise ConfigError("transfer predict needs --input: an image, a folder, a text file, or - for stdin.")
             config.data.init_args.predict_input = config.input
+            # Rows stream in input order from one process; several would each write their own share.
+            if str(config.trainer.devices) == "auto":
+                config.trainer.devices = 1
+            if str(config.trainer.devices) not in ("1", "[0]") or config.trainer.num_nodes != 1:
+                raise ConfigError("transfer predict runs on one device: drop --trainer.devices/--trainer.num_nodes.")
         if self.subcommand != "fit":
             # Only training makes a run directory; evaluating or predicting leaves no files behind.
             config.trainer.logger = False
@@ -162,7 +167,8 @@ class TransferCLI(LightningCLI):
         callbacks.append(CheckpointMetadata(dump["model"], dump["data"]))
         if self.subcommand == "fit":
             callbacks += [NonFiniteLossGuard(), InterruptCheckpoint(), RandomState()]
-        if config.trainer.enable_progress_bar is not False and not _has_progress_bar(config.trainer.callbacks):
+        given = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        if config.trainer.enable_progress_bar is not False and not _has_progress_bar(given):
             # Given at construction, so Lightning does not add its own bar writing to stdout.
             callbacks.append(progress_bar())
         if self.subcommand == "predict":
@@ -207,16 +213,20 @@ class TransferCLI(LightningCLI):
             raise
 
     def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
         print_metrics("fit", _epoch_metrics(self.trainer))
         best = self.trainer.checkpoint_callback
         if best is not None and best.last_model_path and Path(best.last_model_path).is_file():
             print(f"checkpoints: {Path(best.last_model_path).parent}", file=sys.stderr)
 
     def after_validate(self) -> None:
-        print_metrics("validate", _epoch_metrics(self.trainer))
+        if self.trainer.is_global_zero:
+            print_metrics("validate", _epoch_metrics(self.trainer))
 
     def after_test(self) -> None:
-        print_metrics("test", _epoch_metrics(self.trainer))
+        if self.trainer.is_global_zero:
+            print_metrics("test", _epoch_metrics(self.trainer))
 
 
 def _option_value(args: list[str], name: str) -> str | None:

@@ -65,6 +65,8 @@ def as_transfer_error(err: BaseException) -> BaseException | None:
         if isinstance(err, OSError) and errno.errorcode.get(err.errno) in _RESOURCE_ERRNOS:
             where = f" ({err.filename})" if err.filename else ""
             return ResourceError(f"{err.strerror}{where}. Free disk space or choose a writable location.")
+        if type(err).__name__ == "MisconfigurationException":  # Lightning's word for a bad setting
+            return ConfigError(f"{err} Check the --trainer.* and --checkpoint.* settings.")
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
             return ResourceError(
                 "Out of memory. Lower --data.init_args.batch_size, use --trainer.precision bf16-mixed, "

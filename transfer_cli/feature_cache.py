@@ -22,12 +22,15 @@ def can_cache(trainer: L.Trainer, datamodule: Any) -> str | None:
         return "several devices (each would need its own shard of the cache)"
     if trainer.reload_dataloaders_every_n_epochs:
         return "dataloaders are reloaded every epoch"
+    if trainer.fast_dev_run or trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
+        return "the run uses part of the data (fast_dev_run, limit_train_batches or overfit_batches)"
     return None
 
 
 @torch.inference_mode()
 def compute_features(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader) -> TensorDataset:
-    """One pass of the frozen backbone over a loader, kept on the training device."""
+    """One pass of the frozen backbone over a loader, kept in host memory (pinned on CUDA machines):
+    a large data set's features would not fit beside the model on the device."""
     device = trainer.strategy.root_device
     backbone = pl_module.backbone.to(device).eval()
     features, labels = [], []
@@ -35,9 +38,12 @@ def compute_features(trainer: L.Trainer, pl_module: L.LightningModule, loader: D
         # Lightning's transfer runs the datamodule's on_after_batch_transfer (the preprocessing) too.
         batch = trainer.strategy.batch_to_device(batch, device)
         with trainer.precision_plugin.forward_context():
-            features.append(backbone(batch["inputs"]).float())
-        labels.append(batch["labels"])
-    return TensorDataset(torch.cat(features), torch.cat(labels))
+            features.append(backbone(batch["inputs"]).float().cpu())
+        labels.append(batch["labels"].cpu())
+    features, labels = torch.cat(features), torch.cat(labels)
+    if torch.cuda.is_available():
+        features, labels = features.pin_memory(), labels.pin_memory()
+    return TensorDataset(features, labels)
 
 
 class _FeatureBatches(DataLoader):
@@ -62,7 +68,7 @@ def use_cached_features(trainer: L.Trainer, pl_module: L.LightningModule) -> Non
     # loaders by name, and the datamodule classes stay unaware of the cache.
     datamodule.train_dataloader = lambda: _FeatureBatches(train, batch_size, shuffle=True)
     cached = f"{len(train)} train"
-    if trainer.limit_val_batches != 0 and is_overridden("val_dataloader", datamodule):
+    if trainer.limit_val_batches == 1.0 and is_overridden("val_dataloader", datamodule):
         val = compute_features(trainer, pl_module, datamodule.val_dataloader())
         datamodule.val_dataloader = lambda: _FeatureBatches(val, batch_size, shuffle=False)
         cached += f" and {len(val)} val"

@@ -6,6 +6,7 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 
+from transfer_cli.errors import ConfigError
 from transfer_cli.feature_cache import can_cache, use_cached_features
 
 
@@ -38,6 +39,12 @@ class BackboneFinetuning(BaseFinetuning):
             self._freeze(pl_module)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.strategy == "gradual" and trainer.world_size > 1:
+            # DDP fixes the set of synchronised parameters when it wraps the model: a backbone unfrozen
+            # later would train apart on every process (Lightning-AI/pytorch-lightning#20340).
+            raise ConfigError(
+                "finetuning.strategy gradual cannot run on several devices: use full or frozen, or one device."
+            )
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or self.strategy != "frozen" or not self.cache_features:
             return

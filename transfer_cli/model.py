@@ -93,7 +93,10 @@ class TransferModel(L.LightningModule):
         # millisecond of host time per step in Lightning's bookkeeping.
         accuracy.update(logits.detach(), labels)
         on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=labels.shape[0])
+        self.log(
+            f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=labels.shape[0],
+            sync_dist=not on_step,  # validation and test losses are averaged over all processes
+        )  # fmt: skip
         if on_step and self.trainer.is_last_batch:
             # Here rather than in on_train_epoch_end, which runs after the callbacks reporting the epoch.
             self._log_accuracy("train", accuracy)

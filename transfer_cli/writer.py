@@ -16,12 +16,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from transfer_cli.errors import ConfigError, ResourceError
+from transfer_cli.errors import EXIT_TERMINATED, ConfigError, Interrupted, ResourceError
 
 
 class PredictionWriter(BasePredictionWriter):
     def __init__(self, output: str | None = None, topk: int = 3):
         super().__init__(write_interval="batch")
+        if topk < 1:
+            raise ConfigError(f"--topk {topk}: give 1 or more.")
         self.output = None if output in (None, "-") else Path(output)
         self.topk = topk
         self.format = self._format(self.output)
@@ -51,6 +53,8 @@ class PredictionWriter(BasePredictionWriter):
             self._csv = csv.writer(self._stream)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if trainer.received_sigterm:  # Lightning's predict loop, unlike fit's, carries on after SIGTERM
+            raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
         ids = batch["ids"]
         rows = self._rows(ids, prediction, pl_module)
         try:
