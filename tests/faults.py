@@ -44,3 +44,13 @@ class PoisonAtEpoch(Callback):
             with torch.no_grad():
                 for parameter in pl_module.head.parameters():
                     parameter.fill_(float("nan"))
+
+
+class RequireFrozenBackboneInEvalMode(Callback):
+    """Fails the run if a frozen backbone is ever in training mode during a training step (BatchNorm
+    would then normalise with batch statistics, dropout would drop)."""
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        training = [name for name, m in pl_module.backbone.named_modules() if m.training]
+        if training:
+            raise RuntimeError(f"frozen backbone modules in training mode: {training[:3]}")

@@ -402,3 +402,22 @@ def test_the_feature_cache_respects_the_debug_limits(tmp_path, cifar_root, env):
     result = run_transfer(*_fit_args(cifar_root, "--data.init_args.augment=false"), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "not cached: the run uses part of the data" in result.stderr
+
+
+def test_predict_uses_the_preprocessing_stored_in_the_checkpoint(tmp_path, trained, imagefolder_root, env):
+    folder = imagefolder_root / "test" / "cat"
+    original = run_transfer("predict", "--ckpt", trained, "--input", folder, cwd=tmp_path, env=env)
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    checkpoint["transfer"]["preprocessing"].update(crop_size=48, resize_size=48)
+    changed_ckpt = tmp_path / "other-size.ckpt"
+    torch.save(checkpoint, changed_ckpt)
+    changed = run_transfer("predict", "--ckpt", changed_ckpt, "--input", folder, cwd=tmp_path, env=env)
+    assert original.returncode == changed.returncode == 0, changed.stderr
+    assert original.stdout != changed.stdout  # the stored size, not the backbone's default, was used
+
+
+def test_empty_input_and_no_arguments(tmp_path, trained, env):
+    empty = run_transfer("predict", "--ckpt", trained, "--input", "-", cwd=tmp_path, env=env, stdin="")
+    _assert_clean_failure(empty, 3, "stdin")
+    bare = run_transfer(cwd=tmp_path, env=env)
+    assert bare.returncode == 2 and bare.stdout == "" and "usage" in bare.stderr

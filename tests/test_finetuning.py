@@ -34,6 +34,7 @@ def _initial_weights(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _fit(tmp_path, cifar_root, env, weights: Path, *extra: str):
+    env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parent)}
     result = run_transfer(
         "fit", "--config", "resnet50-cifar10", "--config", "debug", f"--data.root={cifar_root}",
         "--model.init_args.backbone.init_args.name=resnet18", f"--model.init_args.backbone.init_args.weights={weights}",
@@ -48,7 +49,11 @@ def _fit(tmp_path, cifar_root, env, weights: Path, *extra: str):
 
 def test_frozen_backbone_is_bit_identical_after_fit(tmp_path, cifar_root, offline_env):
     weights, initial = _initial_weights(tmp_path)
-    checkpoints = _fit(tmp_path, cifar_root, offline_env, weights, "--finetuning.strategy=frozen")
+    checkpoints = _fit(
+        tmp_path, cifar_root, offline_env, weights,
+        "--finetuning.strategy=frozen", "--trainer.callbacks+=faults.RequireFrozenBackboneInEvalMode",
+        "--trainer.val_check_interval=2",  # validation mid-epoch, then training again: still eval mode
+    )  # fmt: skip
     after = _backbone_state(checkpoints / "last.ckpt")
     assert after.keys() == initial.keys()
     for name, tensor in initial.items():  # parameters and buffers (running stats, num_batches_tracked)

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
@@ -159,6 +160,10 @@ class TransferCLI(LightningCLI):
             ckpt = self._subconfig().ckpt
             check_same_classes(self._checkpoint["transfer"]["class_names"], self.datamodule, ckpt)
             load_weights(self.model, self._checkpoint, ckpt)
+            stored = self._checkpoint["transfer"].get("preprocessing")
+            if stored is not None and hasattr(self.datamodule, "use_preprocessing"):
+                # What the model was trained with, even if a newer torchvision describes the weights anew.
+                self.datamodule.use_preprocessing(ImagePreprocessing.from_dict(stored))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._subconfig()

@@ -40,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("TRANSFER_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        print(_usage(), file=sys.stderr)
+        return EXIT_USAGE
+    if args[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if args else EXIT_USAGE
+        return 0
     if args[0] == "--version":
         print(f"transfer {__version__}")
         return 0

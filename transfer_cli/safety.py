@@ -74,9 +74,12 @@ class RunCheckpoint(ModelCheckpoint):
             self._refresh_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning writes last.ckpt here even under fast_dev_run, a dry run that should write nothing.
+        # Lightning writes last.ckpt here even under fast_dev_run, a dry run that should write nothing,
+        # and not at all when one was written before, losing the steps after the last validation.
         if not trainer.fast_dev_run:
             super().on_train_end(trainer, pl_module)
+            if self.save_last and self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
@@ -124,6 +127,7 @@ class RandomState(Callback):
             "python_version": random.getstate()[0],
             "python_gauss": random.getstate()[2],
             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -133,3 +137,6 @@ class RandomState(Callback):
         random.setstate((state_dict["python_version"], tuple(state_dict["python"]), state_dict["python_gauss"]))
         kind, keys, *rest = state_dict["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        cuda = state_dict.get("cuda") or []
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)  # augmentation draws its random numbers on the device

@@ -40,7 +40,10 @@ class ImageFiles(Dataset):
 def list_image_inputs(spec: str) -> list[Path]:
     """An image file, a folder (searched recursively, sorted), or `-` for paths on stdin, one a line."""
     if spec == "-":
-        return [Path(line) for line in (raw.strip() for raw in sys.stdin) if line]
+        paths = [Path(line) for line in (raw.strip() for raw in sys.stdin) if line]
+        if not paths:
+            raise DataError("No image paths on stdin (--input -): give one path per line.")
+        return paths
     path = Path(spec)
     if path.is_file():
         return [path]
@@ -79,6 +82,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"{type(self).__name__} holds images, but the backbone {type(backbone).__name__} expects "
                 "text. Pair image data with an image backbone."
             )
+        self.use_preprocessing(preprocessing)
+
+    def use_preprocessing(self, preprocessing: ImagePreprocessing) -> None:
         self.preprocessing = preprocessing
         self._transform = BatchImageTransform(preprocessing)
 

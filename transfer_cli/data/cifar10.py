@@ -177,7 +177,7 @@ class CIFAR10DataModule(ImageDataModule):
         images, labels = zip(*(read_batch(self.batches_dir / n) for n in TRAIN_BATCHES))
         images, labels = torch.cat(images), torch.cat(labels)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        n_val = int(round(self.val_fraction * len(labels)))
+        n_val = max(1, int(round(self.val_fraction * len(labels))))
         val, train = order[:n_val], order[n_val:]
         self._splits = {
             "train": _Images(images[train], labels[train]),

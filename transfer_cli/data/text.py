@@ -279,6 +279,8 @@ class TextDataModule(L.LightningDataModule):
         dataset = self._datasets["train"]
         if not self.group_by_length:
             return self._loader(dataset, shuffle=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ConfigError("data.group_by_length works on one device; turn it off for multi-device runs.")
         batches = LengthGroupedBatches(np.diff(dataset.offsets), self.batch_size)
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._collate)
 
