@@ -37,3 +37,8 @@ def test_unknown_model_and_unknown_weights_are_config_errors():
         TorchvisionBackbone("resnet_nope", weights=None)
     with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
         TorchvisionBackbone("resnet18", weights="IMAGENET_V9")
+
+
+def test_weights_whose_builder_changes_the_input_transform_are_refused_before_any_download():
+    with pytest.raises(ConfigError, match="not supported yet"):
+        TorchvisionBackbone("inception_v3", weights="DEFAULT")

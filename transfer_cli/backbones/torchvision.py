@@ -38,6 +38,13 @@ class TorchvisionBackbone(Backbone):
         except ValueError as err:
             raise ConfigError(_unknown_model_message(name)) from err
         weights_enum = _weights_enum(name, weights)
+        if weights_enum is not None and hasattr(model, "transform_input"):
+            # torchvision's builder switches on an input transform for these weights, which a
+            # checkpoint rebuilt without the weights would not have: refuse instead of mispredicting.
+            raise ConfigError(
+                f"Pretrained {name} weights are not supported yet (their builder changes the input "
+                "transform). Use resnet50, efficientnet_b0, convnext_tiny, vit_b_16 or similar."
+            )
         in_features, classifier_name = _strip_classifier(model, name)
         if weights_enum is not None:
             _load_state(model, _download_state(weights_enum), classifier_name)
@@ -139,7 +146,13 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], classifier_name: str) -> None:
     # The classifier was removed on purpose, so its keys are the only ones allowed to go unused.
     state = {k: v for k, v in state.items() if not k.startswith(classifier_name + ".")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ, e.g. weights trained at another image size
+        raise ConfigError(
+            f"Backbone weights do not fit the architecture: {str(err).splitlines()[-1].strip()} "
+            "Check model.backbone.name, weights and image_size."
+        ) from err
     unexpected = [k for k in unexpected if not k.startswith(("AuxLogits.", "aux1.", "aux2."))]
     if missing or unexpected:
         raise ConfigError(
