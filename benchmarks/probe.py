@@ -1,0 +1,115 @@
+"""The frozen linear probe over N epochs, validating after each, as `transfer fit` runs it.
+
+Four ways to do the same work: `transfer` with and without its feature cache, and a plain loop
+with and without caching the frozen backbone's features (computed once, the head trained on them).
+"""
+
+import inspect
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from common import PeakMemory, SyntheticImages, autocast, compare, interleaved, summarise, synchronize, trainer
+from images import PlainPreprocess, SyntheticImageData, plain_loader, plain_model, to_device, tool_model
+from torch import nn
+
+from transfer_cli.finetuning import BackboneFinetuning
+
+TOOL_CACHES = "cache_features" in inspect.signature(BackboneFinetuning).parameters
+
+
+def val_count(spec: dict[str, Any]) -> int:
+    return max(1, spec["images"] // 8)
+
+
+def tool_probe(spec: dict[str, Any], device: torch.device, cache: bool) -> dict[str, Any]:
+    model, backbone = tool_model(spec)
+    data = SyntheticImageData(spec["images"], spec["batch_size"], augment=False, val_count=val_count(spec))
+    data.connect(backbone)
+    finetuning = BackboneFinetuning(strategy="frozen", **({"cache_features": cache} if TOOL_CACHES else {}))
+    fit = trainer(device, spec["precision"], [finetuning], max_epochs=spec["epochs"], limit_val_batches=1.0)
+    with PeakMemory(device) as memory:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fit.fit(model, datamodule=data)
+        synchronize(device)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "seconds_cpu": cpu_seconds, "memory": memory.report()}
+
+
+def plain_probe(spec: dict[str, Any], device: torch.device, cached: bool) -> dict[str, Any]:
+    """The frozen backbone in eval mode under no_grad, a linear head trained on its features."""
+    model = plain_model(spec)
+    head, model.fc = model.fc, nn.Identity()
+    preprocess = PlainPreprocess(spec, device)
+    train = plain_loader(SyntheticImages(spec["images"]), spec, shuffle=True)
+    val = plain_loader(SyntheticImages(val_count(spec), seed=1), spec, shuffle=False)  # as SyntheticImageData
+    with PeakMemory(device) as memory:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        backbone = model.to(device).eval().requires_grad_(False)
+        head.to(device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+
+        def features(loader):
+            for batch in loader:
+                images, labels = to_device(batch, device)
+                with torch.no_grad(), autocast(device, spec["precision"]):
+                    feats = backbone(preprocess(images, augment=False))
+                yield feats, labels  # outside the no_grad block: a generator would leak it to the caller
+
+        def cache(loader):
+            pairs = list(features(loader))
+            feats, labels = torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
+            return lambda shuffle: _batches(feats, labels, spec["batch_size"], shuffle)
+
+        if cached:
+            train_batches, val_batches = cache(train), cache(val)
+        else:
+            train_batches, val_batches = (lambda shuffle: features(train)), (lambda shuffle: features(val))
+        for _ in range(spec["epochs"]):
+            head.train()
+            for feats, labels in train_batches(True):
+                with autocast(device, spec["precision"]):
+                    loss = F.cross_entropy(head(feats), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            head.eval()
+            correct = torch.zeros((), device=device)
+            with torch.no_grad(), autocast(device, spec["precision"]):
+                for feats, labels in val_batches(False):
+                    correct += (head(feats).argmax(dim=1) == labels).sum()
+            _ = correct.item()  # the epoch's validation accuracy, as a plain loop would print it
+        synchronize(device)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "seconds_cpu": cpu_seconds, "memory": memory.report()}
+
+
+def _batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+    order = torch.randperm(len(labels), device=feats.device) if shuffle else torch.arange(len(labels))
+    for index in order.split(batch_size):
+        yield feats[index], labels[index]
+
+
+def probe_case(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    sides = {
+        "transfer": lambda: tool_probe(spec, device, cache=False),
+        "plain": lambda: plain_probe(spec, device, cached=False),
+        "plain_cached": lambda: plain_probe(spec, device, cached=True),
+    }
+    if TOOL_CACHES:
+        sides["transfer_cached"] = lambda: tool_probe(spec, device, cache=True)
+    runs = interleaved(sides, spec["repeats"])
+    sides = {name: summarise(side_runs, "seconds") for name, side_runs in runs.items()}
+    for side in sides.values():
+        side["throughput"] = spec["epochs"] * spec["images"] / side["seconds"]
+        side["throughput_cpu"] = spec["epochs"] * spec["images"] / side["seconds_cpu"]
+    result = compare("images/s", sides)
+    result["plain_caching_speedup"] = sides["plain"]["seconds"] / sides["plain_cached"]["seconds"]
+    result["transfer_caching_speedup"] = None
+    if TOOL_CACHES:
+        cached = {"transfer": sides["transfer_cached"], "plain": sides["plain_cached"]}
+        result["cached_ratio"] = compare("images/s", cached)["ratio"]
+        result["cached_ratio_cpu"] = compare("images/s", cached)["ratio_cpu"]
+        result["transfer_caching_speedup"] = sides["transfer"]["seconds"] / sides["transfer_cached"]["seconds"]
+    return result

@@ -1,0 +1,254 @@
+"""Turn the measured cases into table rows, target checks, a printed table and a RESULTS.md section."""
+
+import re
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = """# Benchmark results
+
+Written by `python benchmarks/bench.py --record` (see benchmarks/README.md): one section per device
+and mode, replaced when the same device and mode are measured again. Ratios are transfer / plain
+loop for throughput (higher is better) and transfer / baseline for times (lower is better).
+"""
+COLUMNS = [
+    "benchmark",
+    "setting",
+    "transfer",
+    "baseline",
+    "ratio",
+    "ratio by CPU time",
+    "peak mem transfer / baseline",
+    "others' CPU use",
+]
+
+
+def _mem(side: dict[str, Any] | None) -> str:
+    return "—" if side is None or "memory" not in side else f"{side['memory']['peak_mb']:,.0f} MB"
+
+
+def _rate(value: float, unit: str) -> str:
+    return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per measurement: what the tool did, what the baseline did, their ratios, peak memory."""
+    cases, sizes, out = results["cases"], results["sizes"], []
+    cpu = results["device"]["type"] == "cpu"
+
+    def row(name: str, key: str, transfer: str, baseline: str, ratio: str, ratio_cpu: str, memory: str) -> None:
+        others = f"{cases[key]['others_cpu']:.0%}" if "others_cpu" in cases[key] else "—"
+        out.append(
+            [name, _setting(key, sizes[key]), transfer, baseline, ratio, ratio_cpu if cpu else "—", memory, others]
+        )
+
+    for key in ("resnet50_224", "resnet50_32", "bert"):
+        if key in cases:
+            case = cases[key]
+            t, p = case["sides"]["transfer"], case["sides"]["plain"]
+            row(
+                "BERT train step" if key == "bert" else "ResNet50 train step",
+                key,
+                _rate(t["throughput"], case["unit"]),
+                _rate(p["throughput"], case["unit"]) + " (plain loop)",
+                f"{case['ratio']:.3f}",
+                f"{case['ratio_cpu']:.3f}",
+                f"{_mem(t)} / {_mem(p)}",
+            )
+    if "overhead" in cases:
+        case = cases["overhead"]
+        t, p = case["sides"]["transfer"], case["sides"]["plain"]
+        extra = t["ms_per_step"] - p["ms_per_step"]
+        row(
+            "Per-step host overhead",
+            "overhead",
+            f"{t['ms_per_step']:.2f} ms/step ({t['cpu_ms_per_step']:.2f} CPU ms), {extra:+.2f} ms",
+            f"{p['ms_per_step']:.2f} ms/step ({p['cpu_ms_per_step']:.2f} CPU ms) (plain loop)",
+            f"{case['ratio']:.3f}",
+            f"{case['ratio_cpu']:.3f}",
+            f"{_mem(t)} / {_mem(p)}",
+        )
+    if "probe" in cases:
+        case = cases["probe"]
+        t, p, c = (case["sides"][k] for k in ("transfer", "plain", "plain_cached"))
+
+        def timed(side: dict[str, Any]) -> str:
+            return f"{side['seconds']:.1f} s ({_rate(side['throughput'], 'images/s')})"
+
+        row(
+            "Linear probe, frozen, no feature cache",
+            "probe",
+            timed(t) + " (cache_features false)",
+            timed(p) + " (plain loop)",
+            f"{case['ratio']:.3f}",
+            f"{case['ratio_cpu']:.3f}",
+            f"{_mem(t)} / {_mem(p)}",
+        )
+        tc = case["sides"].get("transfer_cached")
+        speedups = f"caching speedup: plain {case['plain_caching_speedup']:.1f}x"
+        if tc is None:
+            transfer, ratio, ratio_cpu = "n/a: transfer has no feature cache", "—", "—"
+        else:
+            transfer = f"{timed(tc)}; caching speedup {case['transfer_caching_speedup']:.1f}x"
+            ratio, ratio_cpu = f"{case['cached_ratio']:.3f}", f"{case['cached_ratio_cpu']:.3f}"
+        row(
+            "Linear probe, frozen, feature cache",
+            "probe",
+            transfer,
+            f"{timed(c)} (plain loop, cached); {speedups}",
+            ratio,
+            ratio_cpu,
+            f"{_mem(tc)} / {_mem(c)}",
+        )
+    if "startup" in cases:
+        s = cases["startup"]["sides"]
+        baseline = f"{s['import_torch']['seconds']:.3f} s (`python -c 'import torch'`)"
+        ratio = f"{cases['startup']['ratio']:.3f}"
+        row("CLI start-up", "startup", f"{s['transfer_help']['seconds']:.3f} s", baseline, ratio, "—", "—")
+        out.append(["CLI start-up", "`transfer fit --help`, median", f"{s['transfer_fit_help']['seconds']:.2f} s"])
+        out[-1] += ["—"] * (len(COLUMNS) - len(out[-1]))
+    if "first_row" in cases:
+        case = cases["first_row"]
+        t, p = case["sides"]["transfer"], case["sides"]["plain"]
+        row(
+            "Time to first predicted row",
+            "first_row",
+            f"{t['first_row_s']:.2f} s (all rows {t['total_s']:.2f} s)",
+            f"{p['first_row_s']:.2f} s (all rows {p['total_s']:.2f} s) (plain_predict.py)",
+            f"{case['ratio']:.3f}",
+            "—",
+            "—",
+        )
+    return out
+
+
+def _setting(key: str, spec: dict[str, Any]) -> str:
+    precision = spec.get("precision", "")
+    if key.startswith("resnet50"):
+        aug = ", augment" if spec["augment"] else ""
+        return f"{spec['image_size']} px, batch {spec['batch_size']}, {precision}{aug}, {spec['steps']} timed steps"
+    if key == "bert":
+        shape = "bert-base" if "num_hidden_layers" not in spec else _small_bert(spec)
+        return f"{shape}, len {spec['seq_len']}, batch {spec['batch_size']}, {precision}, {spec['steps']} timed steps"
+    if key == "overhead":
+        return f"one linear layer, {spec['image_size']} px, batch {spec['batch_size']}, {spec['steps']} timed steps"
+    if key == "probe":
+        return (
+            f"{spec['model']} {spec['image_size']} px, {spec['images']} images, batch {spec['batch_size']}, "
+            f"{spec['epochs']} epochs + validation on {max(1, spec['images'] // 8)}, {precision}"
+        )
+    if key == "first_row":
+        return f"{spec['model']} {spec['image_size']} px, {spec['images']} PNGs, batch {spec['batch_size']}"
+    if key == "startup":
+        return f"`transfer --help`, median of {spec['repeats']}"
+    return ""
+
+
+def _small_bert(spec: dict[str, Any]) -> str:
+    return f"BERT {spec['num_hidden_layers']} layers / {spec['hidden_size']} hidden (small, CPU)"
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for every target of issue 6 that this device can check."""
+    cases, gpu, out = results["cases"], results["device"]["type"] == "cuda", []
+
+    def ratio(key: str, floor: float) -> None:
+        if key in cases:
+            case = cases[key]
+            measured = f"{case['ratio']:.3f}" + ("" if gpu else f" (by CPU time {case['ratio_cpu']:.3f})")
+            out.append((f"{key}: ratio >= {floor}", measured, case["ratio"] >= floor))
+
+    def rate(key: str, floor: float) -> None:
+        if key in cases:
+            value = cases[key]["sides"]["transfer"]["throughput"]
+            out.append((f"{key}: >= {floor:,.0f} {cases[key]['unit']}", f"{value:,.0f}", value >= floor))
+
+    if gpu:
+        rate("resnet50_224", 3000)
+        ratio("resnet50_224", 0.95)
+        rate("bert", 2500)
+    else:
+        for key in ("resnet50_224", "resnet50_32", "bert"):
+            ratio(key, 0.97)
+    if "probe" in cases:
+        speedup, target = (
+            cases["probe"]["transfer_caching_speedup"],
+            "probe: transfer with caching >= 8x faster than without",
+        )
+        if speedup is None:
+            out.append((target, "not implemented in transfer", None))
+        else:
+            out.append((target, f"{speedup:.1f}x", speedup >= 8))
+    if "startup" in cases:
+        s = cases["startup"]["sides"]["transfer_help"]["seconds"]
+        out.append(("`transfer --help` < 0.5 s", f"{s:.3f} s", s < 0.5))
+        out.append(
+            (
+                "`transfer --help` < 1/4 of `import torch`",
+                f"{cases['startup']['ratio']:.3f}",
+                cases["startup"]["ratio"] < 0.25,
+            )
+        )
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"transfer vs plain PyTorch on {results['device']['name']}")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows(results):
+        table.add_row(*row)
+    console = Console(width=200)
+    console.print(table)
+    for target, measured, met in targets(results):
+        console.print(f"  {_verdict(met):8} {target}: {measured}")
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "MET", False: "NOT MET", None: "N/A"}[met]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows(results)]
+    lines += ["", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {_verdict(ok)} |" for t, m, ok in targets(results)]
+    return "\n".join(lines)
+
+
+def record(results: dict[str, Any], notes: list[str]) -> Path:
+    """Write this run's section into RESULTS.md, replacing an earlier one for the same device and mode."""
+    device, threads = results["device"], results.get("threads")
+    key = _slug(f"{device['name']}-{results['mode']}" + (f"-{threads}-threads" if threads else ""))
+    title = f"{device['name']}, {results['mode']} sizes" + (
+        f", {threads} torch thread(s) per worker" if threads else ""
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    load = results["load_average"]
+    body = [
+        f"## {title}, {results['date'][:10]}",
+        "",
+        f"- Command: `{results['command']}`; run at {results['date']}, {results['wall_s']:.0f} s.",
+        f"- Device: {device['detail']}.",
+        f"- Versions: {versions}.",
+        f"- 1-minute load average before / after the run: {load['before']:.2f} / {load['after']:.2f}"
+        " (other work on a shared machine slows both sides; repeats are interleaved and the median is shown).",
+        f"- Peak memory is {results['memory_kind']}.",
+        *[f"- {note}" for note in notes],
+        "",
+        markdown(results),
+        "",
+    ]
+    section = f"<!-- bench:{key} start -->\n" + "\n".join(body) + f"\n<!-- bench:{key} end -->\n"
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    pattern = re.compile(rf"<!-- bench:{re.escape(key)} start -->.*?<!-- bench:{re.escape(key)} end -->\n", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+    return RESULTS
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")

@@ -1,0 +1,60 @@
+"""The sizes each benchmark case runs at: small on CPU, the full sizes of issue 6 on a GPU.
+
+`precision` is added by bench.py: 32-true on CPU, bf16-mixed on CUDA.
+"""
+
+from typing import Any
+
+
+def _train(image_size: int, batch_size: int, warmup: int, steps: int, repeats: int, model: str = "resnet50") -> dict:
+    """An image training case; augmentation on, as in the CIFAR-10 recipe."""
+    return {
+        "model": model,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "warmup": warmup,
+        "steps": steps,
+        "repeats": repeats,
+        "augment": True,
+    }
+
+
+# bert-base is BertConfig's defaults; on CPU a 4-layer, 256-wide BERT of the same structure.
+SMALL_BERT = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}
+TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256}
+
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    # Two CPU cores: a ResNet50 step at 224 px takes seconds, so few steps and small batches.
+    "cpu": {
+        "resnet50_224": _train(224, batch_size=4, warmup=1, steps=3, repeats=3),
+        "resnet50_32": _train(32, batch_size=32, warmup=2, steps=8, repeats=5),
+        "bert": {"seq_len": 128, "batch_size": 8, "warmup": 2, "steps": 10, "repeats": 5, **SMALL_BERT},
+        "overhead": _train(32, batch_size=32, warmup=20, steps=200, repeats=3),
+        "probe": {"model": "resnet50", "image_size": 32, "images": 1024, "batch_size": 64, "epochs": 10, "repeats": 2},
+        "startup": {"repeats": 5, "heavy_repeats": 2},
+        "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "images": 64, "batch_size": 16}
+        | {"repeats": 3},
+    },
+    "cuda": {
+        "resnet50_224": _train(224, batch_size=256, warmup=10, steps=40, repeats=3),
+        "resnet50_32": _train(32, batch_size=256, warmup=10, steps=50, repeats=3),
+        "bert": {"seq_len": 128, "batch_size": 64, "warmup": 10, "steps": 50, "repeats": 3},
+        "overhead": _train(32, batch_size=256, warmup=20, steps=200, repeats=3),
+        "probe": {"model": "resnet50", "image_size": 224, "images": 4096, "batch_size": 256, "epochs": 10}
+        | {"repeats": 2},
+        "startup": {"repeats": 7, "heavy_repeats": 3},
+        "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "images": 256, "batch_size": 64}
+        | {"repeats": 3},
+    },
+    # A smoke test of the whole script in a couple of minutes; the numbers mean little.
+    "quick": {
+        "resnet50_224": _train(224, batch_size=2, warmup=1, steps=1, repeats=1),
+        "resnet50_32": _train(32, batch_size=8, warmup=1, steps=2, repeats=1),
+        "bert": {"seq_len": 32, "batch_size": 4, "warmup": 1, "steps": 2, "repeats": 1, **TINY_BERT},
+        "overhead": _train(32, batch_size=8, warmup=5, steps=20, repeats=1),
+        "probe": {"model": "resnet50", "image_size": 32, "images": 32, "batch_size": 16, "epochs": 2, "repeats": 1},
+        "startup": {"repeats": 2, "heavy_repeats": 1},
+        "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "images": 16, "batch_size": 8}
+        | {"repeats": 1},
+    },
+}
