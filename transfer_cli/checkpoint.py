@@ -75,7 +75,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "Use a checkpoint from `transfer fit`."
         )
     for section in ("model", "data", "backbone_offline_init_args"):
-        _check_class_paths(meta.get(section), path)
+        check_class_paths(meta.get(section), path)
     return checkpoint
 
 
@@ -95,21 +95,22 @@ def _load_failure(err: Exception) -> str:
 IMPORTED_KEYS = ("class_path", "head", "optimizer", "lr_scheduler")
 
 
-def _check_class_paths(node: Any, path: Path) -> None:
-    """Refuse configs that would import code from outside the trusted packages."""
+def check_class_paths(node: Any, where: str | Path) -> None:
+    """Refuse configs that would import code from outside the trusted packages (before anything is)."""
     if isinstance(node, dict):
         for key in IMPORTED_KEYS:
             name = node.get(key)
-            if isinstance(name, str) and not name.startswith(ALLOWED_CLASS_PREFIXES):
+            named_elsewhere = isinstance(name, str) and not name.startswith(ALLOWED_CLASS_PREFIXES)
+            if named_elsewhere or (key == "class_path" and name is not None and not isinstance(name, str)):
                 raise CheckpointError(
-                    f"Checkpoint {path} names {name!r} ({key}), outside the trusted packages "
+                    f"Checkpoint {where} names {name!r} ({key}), outside the trusted packages "
                     f"({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refusing to load it."
                 )
         for value in node.values():
-            _check_class_paths(value, path)
+            check_class_paths(value, where)
     elif isinstance(node, list):
         for value in node:
-            _check_class_paths(value, path)
+            check_class_paths(value, where)
 
 
 def config_from_checkpoint(checkpoint: dict[str, Any], keep_data_root: bool) -> dict[str, Any]:

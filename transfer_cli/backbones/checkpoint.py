@@ -12,7 +12,7 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 from transfer_cli.backbones.base import Backbone
-from transfer_cli.checkpoint import ALLOWED_CLASS_PREFIXES, read_checkpoint
+from transfer_cli.checkpoint import check_class_paths, read_checkpoint
 from transfer_cli.errors import CheckpointError, ConfigError, TransferError
 
 OPTION = "model.init_args.backbone.init_args.checkpoint"
@@ -96,26 +96,9 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return source, weights
 
 
-def _check_class_paths(node: Any, checkpoint: str) -> None:
-    """Refuse a stored backbone config that would import code from outside the trusted packages."""
-    if isinstance(node, dict):
-        class_path = node.get("class_path")
-        trusted = isinstance(class_path, str) and class_path.startswith(ALLOWED_CLASS_PREFIXES)
-        if class_path is not None and not trusted:
-            raise CheckpointError(
-                f"The backbone config in {checkpoint} names class {class_path!r}, outside the trusted packages "
-                f"({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refusing to load it."
-            )
-        for value in node.values():
-            _check_class_paths(value, checkpoint)
-    elif isinstance(node, list):
-        for value in node:
-            _check_class_paths(value, checkpoint)
-
-
 def _build(config: dict[str, Any], checkpoint: str) -> Backbone:
     """Instantiate the stored backbone the way the CLI does: jsonargparse, the signature as schema."""
-    _check_class_paths(config, checkpoint)  # before jsonargparse imports anything it names
+    check_class_paths(config, checkpoint)  # before jsonargparse imports anything it names
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Backbone, "backbone", required=True)
     # jsonargparse 4.49 renamed instantiate_classes to instantiate; the oldest supported has only the former.
