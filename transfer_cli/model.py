@@ -104,7 +104,8 @@ class TransferModel(L.LightningModule):
 
     def _log_accuracy(self, stage: str, accuracy: MulticlassAccuracy) -> None:
         if accuracy.update_count:  # compute() syncs the counts across processes under DDP
-            self.log(f"{stage}_acc", accuracy.compute(), on_step=False, on_epoch=True, prog_bar=True)
+            value = accuracy.compute()  # the same on every process, so sync_dist costs one reduce per epoch
+            self.log(f"{stage}_acc", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         accuracy.reset()
 
     def on_validation_epoch_end(self) -> None:
