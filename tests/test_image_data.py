@@ -73,6 +73,8 @@ def test_image_folder_takes_class_names_from_folders_and_splits_seeded(imagefold
     data.preprocessing = None  # setup only lists files; decoding happens in the loader
     data.setup("fit")
     assert len(data._splits["train"]) == 240 and len(data._splits["val"]) == 60
+    assert "test" not in data._splits  # each stage reads only its own splits
+    data.setup("test")
     assert len(data._splits["test"]) == 300  # root/test is used as the test split
 
 
