@@ -52,7 +52,7 @@ def _sideways_photo(source: Path, target: Path, orientation: int = 6) -> np.ndar
     exif[ORIENTATION] = orientation
     real.save(target, exif=exif.tobytes(), quality=95)
     with Image.open(target) as saved:
-        shown = np.asarray(ImageOps.exif_transpose(saved).convert("RGB"))
+        shown = np.array(ImageOps.exif_transpose(saved).convert("RGB"))
     assert shown.shape == (32, 20, 3)  # rotated: a 32 wide, 20 high picture stands upright
     return shown
 
