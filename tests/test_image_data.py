@@ -19,6 +19,7 @@ def test_cifar_reads_the_original_layout_with_short_batches_and_no_filenames(cif
     data = CIFAR10DataModule(str(cifar_root), val_fraction=0.1, seed=7)
     assert data.class_names[:3] == ["airplane", "automobile", "bird"] and len(data.class_names) == 10
     data.setup("fit")
+    data.setup("test")
     train, val, test = (data._splits[s] for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (2250, 250, 1000)  # 5 x 500 images, 1000 test images
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)

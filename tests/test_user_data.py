@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from test_huggingface import make_tiny_bert
 
 from transfer_cli.backbones import ImagePreprocessing
-from transfer_cli.data import ImageFolderDataModule, TextClassificationDataModule
+from transfer_cli.data import CIFAR10DataModule, ImageFolderDataModule, TextClassificationDataModule
 from transfer_cli.data.base import list_image_inputs
 from transfer_cli.data.image_ops import read_image, resize_center_crop
 from transfer_cli.errors import DataError
@@ -274,6 +274,18 @@ def test_each_stage_reads_only_its_splits(tmp_path, imagefolder_root):
     assert "train" not in validated._splits
     with pytest.raises(DataError, match="test"):
         validated.setup("test")
+
+
+def test_cifar_test_needs_only_the_test_batch(tmp_path, cifar_root):
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    for name in ("batches.meta", "test_batch"):
+        (batches / name).symlink_to(cifar_root / "cifar-10-batches-py" / name)
+    data = CIFAR10DataModule(str(tmp_path))
+    data.setup("test")
+    assert len(data._splits["test"]) == 1000 and "train" not in data._splits
+    with pytest.raises(DataError, match="data_batch_1"):
+        data.setup("validate")
 
 
 # 6. Text as users have it ----------------------------------------------------------------------
