@@ -19,7 +19,7 @@ from transfer_cli.backbones import ImagePreprocessing
 from transfer_cli.data import CIFAR10DataModule, ImageFolderDataModule, TextClassificationDataModule
 from transfer_cli.data.base import list_image_inputs
 from transfer_cli.data.image_ops import read_image, resize_center_crop
-from transfer_cli.errors import DataError
+from transfer_cli.errors import ConfigError, DataError
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer
 
@@ -217,6 +217,13 @@ def test_a_single_text_label_is_a_data_error(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\ngood,pos\nfine,pos\ngreat,pos\n")
     with pytest.raises(DataError, match=r"one class.*'pos'"):
         TextClassificationDataModule(str(tmp_path))
+
+
+def test_a_single_class_given_by_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="at least two classes"):
+        TextClassificationDataModule(class_names=["pos"])
+    with pytest.raises(ConfigError, match="at least two classes"):
+        ImageFolderDataModule(class_names=["cat"])
 
 
 # 5. Evaluating on a folder with only the split it needs ----------------------------------------
