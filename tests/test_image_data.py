@@ -19,6 +19,7 @@ def test_cifar_reads_the_original_layout_with_short_batches_and_no_filenames(cif
     data = CIFAR10DataModule(str(cifar_root), val_fraction=0.1, seed=7)
     assert data.class_names[:3] == ["airplane", "automobile", "bird"] and len(data.class_names) == 10
     data.setup("fit")
+    data.setup("test")
     train, val, test = (data._splits[s] for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (2250, 250, 1000)  # 5 x 500 images, 1000 test images
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 32, 32)
@@ -73,6 +74,8 @@ def test_image_folder_takes_class_names_from_folders_and_splits_seeded(imagefold
     data.preprocessing = None  # setup only lists files; decoding happens in the loader
     data.setup("fit")
     assert len(data._splits["train"]) == 240 and len(data._splits["val"]) == 60
+    assert "test" not in data._splits  # each stage reads only its own splits
+    data.setup("test")
     assert len(data._splits["test"]) == 300  # root/test is used as the test split
 
 

@@ -254,7 +254,7 @@ def test_empty_text_and_unknown_label_name_file_and_line(tmp_path):
 
 
 def test_missing_column_and_missing_files_are_data_errors(tmp_path):
-    _write(tmp_path / "train.tsv", "sentence\tlabel\nhello\tx\n")
+    _write(tmp_path / "train.tsv", "sentence\tlabel\nhello\tx\nbye\ty\n")
     with pytest.raises(DataError, match="no 'text' column"):
         TextClassificationDataModule(root=str(tmp_path))
     with pytest.raises(DataError, match="No train.csv, train.tsv or train.jsonl"):
@@ -293,12 +293,12 @@ def test_predict_file_without_an_id_column_names_rows_by_file_and_line(tiny, tmp
 
 
 def test_predict_input_errors(tmp_path):
-    data = TextClassificationDataModule(class_names=["x"], predict_input=str(tmp_path / "missing.csv"))
+    data = TextClassificationDataModule(class_names=["x", "y"], predict_input=str(tmp_path / "missing.csv"))
     with pytest.raises(DataError, match="Input not found"):
         data.predict_rows()
     bad = _write(tmp_path / "in.txt", "hello\n")
     with pytest.raises(DataError, match="unsupported file type"):
-        TextClassificationDataModule(class_names=["x"], predict_input=str(bad)).predict_rows()
+        TextClassificationDataModule(class_names=["x", "y"], predict_input=str(bad)).predict_rows()
 
 
 def test_length_grouped_batches_cover_every_example_once_with_little_padding():

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.data.image_ops import IMAGE_SUFFIXES, BatchImageTransform, read_image, resize_center_crop
+from transfer_cli.data.image_ops import IMAGE_SUFFIXES, BatchImageTransform, find_images, read_image, resize_center_crop
 from transfer_cli.errors import ConfigError, DataError
 
 
@@ -48,7 +48,7 @@ def list_image_inputs(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = find_images(path)  # hidden folders and files (.git, .DS_Store, ._IMG.jpg) left out
         if not files:
             raise DataError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {path} (--input).")
         return files

@@ -167,23 +167,26 @@ class CIFAR10DataModule(ImageDataModule):
         return [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
 
     def setup(self, stage: str) -> None:
-        if stage == "predict" or self._splits:
-            return
+        # Each stage reads only its files: `transfer test` needs test_batch alone, fit and validate the
+        # training batches (the validation images are a seeded part of them).
+        if stage in ("fit", "validate") and "train" not in self._splits:
+            images, labels = zip(*(read_batch(path) for path in self._batch_files(TRAIN_BATCHES)))
+            images, labels = torch.cat(images), torch.cat(labels)
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            n_val = max(1, int(round(self.val_fraction * len(labels))))
+            val, train = order[:n_val], order[n_val:]
+            self._splits["train"] = _Images(images[train], labels[train])
+            self._splits["val"] = _Images(images[val], labels[val])
+        if stage == "test" and "test" not in self._splits:
+            self._splits["test"] = _Images(*read_batch(self._batch_files([TEST_BATCH])[0]))
+
+    def _batch_files(self, names: list[str]) -> list[Path]:
         if self.batches_dir is None:
             raise DataError("data.root is required to train, validate or test on CIFAR-10.")
-        missing = [n for n in [*TRAIN_BATCHES, TEST_BATCH] if not (self.batches_dir / n).is_file()]
+        missing = [n for n in names if not (self.batches_dir / n).is_file()]
         if missing:
             raise DataError(f"CIFAR-10 files missing in {self.batches_dir}: {', '.join(missing)}.")
-        images, labels = zip(*(read_batch(self.batches_dir / n) for n in TRAIN_BATCHES))
-        images, labels = torch.cat(images), torch.cat(labels)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, int(round(self.val_fraction * len(labels))))
-        val, train = order[:n_val], order[n_val:]
-        self._splits = {
-            "train": _Images(images[train], labels[train]),
-            "val": _Images(images[val], labels[val]),
-            "test": _Images(*read_batch(self.batches_dir / TEST_BATCH)),
-        }
+        return [self.batches_dir / n for n in names]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._splits["train"], shuffle=True, collate_fn=_as_is)

@@ -1,4 +1,4 @@
-"""Your own images in class folders: root/train/<class>/*, optionally root/val/<class>/*."""
+"""Your own images in class folders: root/train/<class>/*, optionally root/val/<class>/*, root/test/<class>/*."""
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -8,17 +8,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from transfer_cli.data.base import ImageDataModule, ImageFiles
-from transfer_cli.data.image_ops import IMAGE_SUFFIXES, image_problem
-from transfer_cli.errors import DataError
+from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
+from transfer_cli.errors import ConfigError, DataError
+
+# The splits each stage reads: evaluating needs neither the training images nor their folder.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The class folder names of a split, sorted; hidden folders (.git, .ipynb_checkpoints) are not classes."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def scan_classes(split_dir: Path) -> dict[str, list[Path]]:
-    classes = sorted(d for d in split_dir.iterdir() if d.is_dir())
-    if not classes:
+    found = {name: find_images(split_dir / name) for name in class_folders(split_dir)}
+    if not found:
         raise DataError(f"No class folders in {split_dir}: expected {split_dir}/<class name>/<image files>.")
-    found = {
-        d.name: sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) for d in classes
-    }
     empty = [name for name, files in found.items() if not files]
     if empty:
         raise DataError(
@@ -71,8 +76,12 @@ class ImageFolderDataModule(ImageDataModule):
     ):
         """Images in class folders (JPEG, PNG, WebP, ...); class names are the folder names.
 
+        Folders and files whose names start with a dot are ignored. EXIF orientation is applied.
+
         Args:
             root: Directory with `train/<class>/` and optionally `val/<class>/` and `test/<class>/`.
+                `fit` reads train (and val), `validate` val (or the held-out part of train), `test`
+                test: evaluating a checkpoint needs only the folder of its split.
             class_names: Expected class names; the sorted folder names of root/train when null.
             val_fraction: Without root/val, the fraction of training images held out (seeded).
             seed: Seed of that split.
@@ -87,18 +96,37 @@ class ImageFolderDataModule(ImageDataModule):
         self.skip_bad_images = skip_bad_images
         self.val_fraction = val_fraction
         self.seed = seed
-        self._train_found: dict[str, list[Path]] | None = None
-        if class_names is None:
-            self._train_found = scan_classes(self._split_dir("train"))
-            class_names = list(self._train_found)
-        self.class_names = class_names
+        self._found: dict[str, dict[str, list[Path]]] = {}
+        self._held_out: dict[str, tuple[list[Path], list[int]]] | None = None
         self._splits: dict[str, ImageFiles] = {}
+        if class_names is None:
+            class_names = list(self._scan("train"))
+            if len(class_names) < 2:
+                train = self._split_dir("train")
+                raise DataError(
+                    f"Only one class in {train}: {class_names[0]}. A classifier needs at least two: add a "
+                    f"folder of images per class ({train}/<class name>/<images>)."
+                )
+        elif len(class_names) < 2:
+            raise ConfigError(f"data.class_names {list(class_names)}: a classifier needs at least two classes.")
+        self.class_names = list(class_names)
 
     def data_class_names(self) -> list[str] | None:
-        """The class folders of root/train, or None without data."""
+        """The classes the data holds, to check against a checkpoint's; None without data.
+
+        root/train names every class. Without it, the evaluation folders may hold a subset of the
+        model's classes (a test set without frogs is still a test set), so they are reported in the
+        model's order, followed by any class the model does not know, for the check to name.
+        """
         if self.root is None:
             return None
-        return list(self._train_found or scan_classes(self._split_dir("train")))
+        if (self.root / "train").is_dir():
+            return class_folders(self.root / "train")
+        present = [class_folders(self.root / s) for s in ("val", "test") if (self.root / s).is_dir()]
+        if not present:
+            return None  # nothing to compare: setup names the missing folder
+        unknown = set().union(*present) - set(self.class_names)
+        return self.class_names + sorted(unknown)
 
     def _split_dir(self, split: str) -> Path:
         if self.root is None:
@@ -108,8 +136,14 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"Missing {path} (data.root={self.root}): expected {split}/<class>/<images>.")
         return path
 
-    def _split(self, split: str) -> tuple[list[Path], list[int]]:
-        found = scan_classes(self._split_dir(split))
+    def _scan(self, split: str) -> dict[str, list[Path]]:
+        if split not in self._found:
+            self._found[split] = scan_classes(self._split_dir(split))
+        return self._found[split]
+
+    def _labelled(self, split: str) -> tuple[list[Path], list[int]]:
+        """The readable images of a split folder with their class indices."""
+        found = self._scan(split)
         unknown = sorted(set(found) - set(self.class_names))
         if unknown:
             raise DataError(
@@ -118,30 +152,33 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return drop_bad_images(*_flatten(found, self.class_names), skip=self.skip_bad_images)
 
-    def setup(self, stage: str) -> None:
-        if stage == "predict" or self._splits:
-            return
-        if self._train_found is not None:
-            train_paths, train_labels = drop_bad_images(
-                *_flatten(self._train_found, self.class_names), skip=self.skip_bad_images
+    def _files(self, split: str) -> tuple[list[Path], list[int]]:
+        if split == "test" or (self.root is not None and (self.root / "val").is_dir()):
+            return self._labelled(split)
+        if split == "val" and self.root is not None and not (self.root / "train").is_dir():
+            raise DataError(
+                f"No validation images in {self.root} (data.root): expected val/<class>/<images>, or "
+                "train/<class>/<images> of which a seeded fraction (data.val_fraction) validates."
             )
-        else:
-            train_paths, train_labels = self._split("train")
-        if (self.root / "val").is_dir():
-            val_paths, val_labels = self._split("val")
-        else:
-            order = torch.randperm(len(train_paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return self._train_val_split()[split]
+
+    def _train_val_split(self) -> dict[str, tuple[list[Path], list[int]]]:
+        """Without root/val, a seeded fraction of train validates; `validate` holds out the same images as `fit`."""
+        if self._held_out is None:
+            paths, labels = self._labelled("train")
+            order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
             n_val = max(1, int(round(self.val_fraction * len(order))))
-            val_idx, train_idx = order[:n_val], order[n_val:]
-            val_paths, val_labels = [train_paths[i] for i in val_idx], [train_labels[i] for i in val_idx]
-            train_paths, train_labels = [train_paths[i] for i in train_idx], [train_labels[i] for i in train_idx]
-        self._splits = {
-            "train": ImageFiles(train_paths, self.preprocessing, train_labels),
-            "val": ImageFiles(val_paths, self.preprocessing, val_labels),
-        }
-        if (self.root / "test").is_dir():
-            test_paths, test_labels = self._split("test")
-            self._splits["test"] = ImageFiles(test_paths, self.preprocessing, test_labels)
+            self._held_out = {
+                "val": ([paths[i] for i in order[:n_val]], [labels[i] for i in order[:n_val]]),
+                "train": ([paths[i] for i in order[n_val:]], [labels[i] for i in order[n_val:]]),
+            }
+        return self._held_out
+
+    def setup(self, stage: str) -> None:
+        for split in STAGE_SPLITS.get(stage, ()):
+            if split not in self._splits:
+                paths, labels = self._files(split)
+                self._splits[split] = ImageFiles(paths, self.preprocessing, labels)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._splits["train"], shuffle=True)
@@ -150,6 +187,4 @@ class ImageFolderDataModule(ImageDataModule):
         return self._loader(self._splits["val"], shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        if "test" not in self._splits:
-            raise DataError(f"No test split: {self.root / 'test'} does not exist.")
         return self._loader(self._splits["test"], shuffle=False)

@@ -4,11 +4,12 @@ Datasets hand out uint8 images; resizing, augmentation and normalisation happen 
 batch, after the batch reaches the accelerator.
 """
 
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.errors import DataError
@@ -16,19 +17,30 @@ from transfer_cli.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+# What a damaged or hostile file makes PIL raise. DecompressionBombError (a plain Exception) comes
+# from Image.open when the header claims more than 2 x Image.MAX_IMAGE_PIXELS pixels (PIL's default,
+# about 179 million: a 200-megapixel photo is over it, every common camera and phone is under it).
+_UNREADABLE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+
+
 def read_image(path: Path) -> torch.Tensor:
-    """Decode any common image file to a uint8 RGB tensor [3, H, W]."""
+    """Decode any common image file to a uint8 RGB tensor [3, H, W], upright.
+
+    The one decode function of training, evaluation and prediction, so a photo looks the same to the
+    model in all three. Phones store pixels as the sensor saw them plus an EXIF Orientation tag;
+    applying the tag is what every viewer does, so the model sees the photo as its owner does.
+    """
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = _to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"Cannot read image {path}: {err}. Remove or replace the file.") from err
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+    except _UNREADABLE as err:
+        raise DataError(f"Cannot read image {path}: {_reason(err)}. Remove or replace the file.") from err
     return torch.from_numpy(_as_array(rgb)).permute(2, 0, 1).contiguous()
 
 
 def image_problem(path: Path) -> str | None:
-    """A cheap check that runs before training: empty, not an image, or visibly truncated.
+    """A cheap check that runs before training: empty, not an image, too large, or visibly truncated.
 
     Reads the header and the last bytes only, so a whole dataset is checked in seconds; a file that
     is damaged in the middle still fails later, when it is decoded, naming its path.
@@ -42,13 +54,34 @@ def image_problem(path: Path) -> str | None:
         with open(path, "rb") as f:
             f.seek(max(0, size - 32))
             tail = f.read()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        return f"not a readable image ({err})"
+    except _UNREADABLE as err:
+        return f"not a readable image ({_reason(err)})"
     if kind == "JPEG" and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
     if kind == "PNG" and b"IEND" not in tail:
         return "truncated PNG (no IEND chunk)"
     return None
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, Image.DecompressionBombError):
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return f"{err} It is refused as a possible decompression bomb; downscale it below {limit:,} pixels"
+    return str(err)
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, leaving out hidden folders and files.
+
+    Hidden folders are pruned, not walked: a .git or .ipynb_checkpoints tree can be large, and
+    macOS's ._IMG.jpg companions carry an image suffix without being images.
+    """
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        named = (Path(parent) / n for n in files if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+        found += [p for p in named if p.is_file()]  # as before: no broken links, sockets or pipes
+    return sorted(found)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -6,7 +6,7 @@ import torch
 
 from transfer_cli.data.text import TextDataModule
 from transfer_cli.data.text_records import TABLE_SUFFIXES, Rows
-from transfer_cli.errors import DataError
+from transfer_cli.errors import ConfigError, DataError
 
 
 class TextClassificationDataModule(TextDataModule):
@@ -60,6 +60,16 @@ class TextClassificationDataModule(TextDataModule):
         if class_names is None:
             self._train = self.read_labeled(self._split_file("train"))
             self.class_names = sorted(set(self._train[1]))
+        if len(self.class_names) < 2:
+            raise self._one_class()
+
+    def _one_class(self) -> Exception:
+        if self._train is None:
+            return ConfigError(f"data.class_names {self.class_names}: a classifier needs at least two classes.")
+        return DataError(
+            f"Only one class in {self._split_file('train')}: every row's {self.label_column!r} is "
+            f"{self.class_names[0]!r}. A classifier needs at least two: add rows of the other classes."
+        )
 
     def _split_file(self, split: str) -> Path | None:
         if self.root is None:

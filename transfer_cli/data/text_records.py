@@ -44,7 +44,14 @@ def _jsonl_records(f, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path}:{line_no}", record
 
 
+# Python's csv module refuses fields over 131072 characters, yet a review or an article is often
+# longer: every field is read whole (it is in memory either way) and the tokenizer truncates it at
+# max_length, counted. 2**31 - 1 is the largest limit that every platform's C long accepts.
+FIELD_SIZE_LIMIT = 2**31 - 1
+
+
 def _table_records(f, path: Path, tsv: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    csv.field_size_limit(FIELD_SIZE_LIMIT)
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
     header = next(reader, None)
     if not header:
@@ -63,6 +70,9 @@ def field_text(record: dict[str, Any], column: str, where: str) -> str:
     if column not in record:
         raise DataError(f"{where}: no {column!r} column (found: {', '.join(map(str, record))}).")
     value = record[column]
+    if isinstance(value, (dict, list)):
+        # str() would turn a JSON list or object into Python syntax and train on that, silently.
+        raise DataError(f"{where}: the {column!r} value is a JSON {type(value).__name__}; expected text or a number.")
     return "" if value is None else str(value)
 
 
