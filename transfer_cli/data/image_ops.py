@@ -85,14 +85,30 @@ def resize_center_crop(images: torch.Tensor, resize: int, crop: int, interpolati
     height, width = images.shape[-2:]
     if (height, width) == (crop, crop):
         return images
-    scale = resize / min(height, width)
-    size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+    # The arithmetic of torchvision's Resize(int) and CenterCrop, which the weights' own transforms
+    # (torchvision's and timm's) use: the long side truncated, the crop offset rounded.
+    short, long = sorted((height, width))
+    new_short, new_long = max(crop, resize), max(crop, int(resize * long / short))
+    size = (new_short, new_long) if height <= width else (new_long, new_short)
     if size != (height, width):
-        was_uint8 = images.dtype == torch.uint8
-        resized = F.interpolate(images.float(), size=size, mode=interpolation, align_corners=False, antialias=scale < 1)
-        images = resized.round().clamp(0, 255).to(torch.uint8) if was_uint8 else resized
-    top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+        images = _resize(images, size, interpolation)
+    top, left = round((images.shape[-2] - crop) / 2), round((images.shape[-1] - crop) / 2)
     return images[..., top : top + crop, left : left + crop]
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """PIL's resampling, as torchvision's and timm's transforms do it, up or down.
+
+    Antialiased kernels whatever the direction: they are PIL's (bicubic with a = -0.5), while the
+    plain ones differ on upscaling (a = -0.75). uint8 stays uint8 on the CPU, where torch resamples
+    in PIL's fixed point (within one level of PIL); elsewhere in float, rounded back.
+    """
+    smooth = interpolation in ("bilinear", "bicubic")
+    options = {"mode": interpolation, "antialias": smooth, "align_corners": False if smooth else None}
+    if images.dtype == torch.uint8 and smooth and images.device.type == "cpu":
+        return F.interpolate(images, size=size, **options)
+    resized = F.interpolate(images.float(), size=size, **options)
+    return resized.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else resized
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
