@@ -107,8 +107,9 @@ def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> 
     options = {"mode": interpolation, "antialias": smooth, "align_corners": False if smooth else None}
     if images.dtype == torch.uint8 and smooth and images.device.type == "cpu":
         return F.interpolate(images, size=size, **options)
-    resized = F.interpolate(images.float(), size=size, **options)
-    return resized.round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else resized
+    # Clamped as PIL clamps: bicubic overshoots past black and white at sharp edges.
+    resized = F.interpolate(images.float(), size=size, **options).clamp(0, 255)
+    return resized.round().to(torch.uint8) if images.dtype == torch.uint8 else resized
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
