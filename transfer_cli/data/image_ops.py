@@ -97,16 +97,14 @@ def resize_center_crop(images: torch.Tensor, resize: int, crop: int, interpolati
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """PIL's resampling, as torchvision's and timm's transforms do it, up or down.
+    """PIL's resampling kernels, as torchvision's and timm's transforms use them, up or down.
 
     Antialiased kernels whatever the direction: they are PIL's (bicubic with a = -0.5), while the
-    plain ones differ on upscaling (a = -0.75). uint8 stays uint8 on the CPU, where torch resamples
-    in PIL's fixed point (within one level of PIL); elsewhere in float, rounded back.
+    plain ones differ on upscaling (a = -0.75). Always in float, so files (uint8, in the workers)
+    and in-memory images (float, on the device) differ by the final rounding only.
     """
     smooth = interpolation in ("bilinear", "bicubic")
     options = {"mode": interpolation, "antialias": smooth, "align_corners": False if smooth else None}
-    if images.dtype == torch.uint8 and smooth and images.device.type == "cpu":
-        return F.interpolate(images, size=size, **options)
     # Clamped as PIL clamps: bicubic overshoots past black and white at sharp edges.
     resized = F.interpolate(images.float(), size=size, **options).clamp(0, 255)
     return resized.round().to(torch.uint8) if images.dtype == torch.uint8 else resized
