@@ -90,9 +90,11 @@ def _pretrained_config(name: str):
     architecture = name.split(".", 1)[0]
     if timm.is_model(architecture):
         try:
-            return timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+            config = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
         except RuntimeError:
-            pass  # a tag this architecture does not have
+            config = None  # a tag this architecture does not have
+        if config is not None:
+            return config
     names = timm.list_models(pretrained=True) + timm.list_models()
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.6)
     tagged = [n for n in timm.list_models(pretrained=True) if n.startswith(architecture + ".")]
