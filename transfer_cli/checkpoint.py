@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from transfer_cli.errors import CheckpointError
 
 FORMAT_VERSION = 1
-ALLOWED_CLASS_PREFIXES = ("transfer_cli.", "torch.", "torchvision.", "lightning.", "transformers.")
+ALLOWED_CLASS_PREFIXES = ("transfer_cli.", "torch.", "torchvision.", "lightning.", "transformers.", "timm.")
 
 
 def _versions() -> dict[str, str]:
@@ -26,7 +26,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for package in ("transfer-cli", "torch", "torchvision", "lightning", "transformers"):
+    for package in ("transfer-cli", "torch", "torchvision", "lightning", "transformers", "timm"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

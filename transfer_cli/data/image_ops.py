@@ -118,14 +118,29 @@ def resize_center_crop(images: torch.Tensor, resize: int, crop: int, interpolati
     height, width = images.shape[-2:]
     if (height, width) == (crop, crop):
         return images
-    scale = resize / min(height, width)
-    size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+    # The arithmetic of torchvision's Resize(int) and CenterCrop, which the weights' own transforms
+    # (torchvision's and timm's) use: the long side truncated, the crop offset rounded.
+    short, long = sorted((height, width))
+    new_short, new_long = max(crop, resize), max(crop, int(resize * long / short))
+    size = (new_short, new_long) if height <= width else (new_long, new_short)
     if size != (height, width):
-        was_uint8 = images.dtype == torch.uint8
-        resized = F.interpolate(images.float(), size=size, mode=interpolation, align_corners=False, antialias=scale < 1)
-        images = resized.round().clamp(0, 255).to(torch.uint8) if was_uint8 else resized
-    top, left = (images.shape[-2] - crop) // 2, (images.shape[-1] - crop) // 2
+        images = _resize(images, size, interpolation)
+    top, left = round((images.shape[-2] - crop) / 2), round((images.shape[-1] - crop) / 2)
     return images[..., top : top + crop, left : left + crop]
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """PIL's resampling kernels, as torchvision's and timm's transforms use them, up or down.
+
+    Antialiased kernels whatever the direction: they are PIL's (bicubic with a = -0.5), while the
+    plain ones differ on upscaling (a = -0.75). Always in float, so files (uint8, in the workers)
+    and in-memory images (float, on the device) differ by the final rounding only.
+    """
+    smooth = interpolation in ("bilinear", "bicubic")
+    options = {"mode": interpolation, "antialias": smooth, "align_corners": False if smooth else None}
+    # Clamped as PIL clamps: bicubic overshoots past black and white at sharp edges.
+    resized = F.interpolate(images.float(), size=size, **options).clamp(0, 255)
+    return resized.round().to(torch.uint8) if images.dtype == torch.uint8 else resized
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
