@@ -160,13 +160,12 @@ class TransferCLI(LightningCLI):
             self.save_config_callback = None
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
-        if self.subcommand in ("fit", None):  # None: run=False, which builds a fit trainer
-            fill_logger_defaults(config.trainer.logger, config.trainer.default_root_dir, config.get("config"))
         if self.subcommand == "fit":
             self._place_run(config)
 
     def _place_run(self, config: Any) -> None:
-        """Which checkpoint a fit resumes, and whether it starts fresh or continues an earlier run there."""
+        """Where a fit writes, which checkpoint it resumes, and whether it continues an earlier run there."""
+        fill_logger_defaults(config.trainer.logger, config.trainer.default_root_dir, config.get("config"))
         if config.get("ckpt_path") == "last":
             config.ckpt_path = resolve_last(config)
         if config.get("ckpt_path"):
