@@ -108,10 +108,12 @@ def resolve_last(config: Any) -> str:
     if where is not None:
         found = list(where.glob("last*.ckpt"))
         searched = where
-    else:
+    elif init_args is not None and init_args.get("save_dir"):
         root = Path(init_args.save_dir) / str(init_args.get("name") or "")
         found = list(root.glob("version_*/checkpoints/last*.ckpt"))
         searched = root / "version_*" / "checkpoints"
+    else:
+        raise ConfigError("--ckpt_path last: this logger does not say where runs are; give the checkpoint file.")
     if not found:
         raise ConfigError(
             f"--ckpt_path last: no last.ckpt under {searched} to resume from. Check --trainer.default_root_dir, "
@@ -125,6 +127,8 @@ def continue_in_run(config: Any, ckpt_path: str) -> None:
     so the run keeps one last.ckpt and one metrics history."""
     init_args = _logger_args(config.trainer.logger)
     if config.checkpoint.dirpath or init_args is None or init_args.get("version") is not None:
+        return
+    if not init_args.get("save_dir"):
         return
     ckpt = Path(ckpt_path).resolve()
     root = (Path(init_args.save_dir) / str(init_args.get("name") or "")).resolve()
