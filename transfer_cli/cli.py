@@ -124,6 +124,13 @@ class TransferCLI(LightningCLI):
             subcommand = next((a for a in args if a in SUBCOMMANDS), "SUBCOMMAND")
             raise ConfigError(f"{summarize_parser_error(str(err))}\nSee `transfer {subcommand} --help`.") from None
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would torch.load a --ckpt_path here to merge hyper_parameters, which transfer's models
+        # never save, and fail with a traceback on a truncated or foreign file. fit checks the checkpoint
+        # itself (runs.check_resumable), with exit 4 and before a run directory exists.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
         """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
         subcommand = next((a for a in args if a in SUBCOMMANDS), None)
