@@ -269,43 +269,7 @@ def test_disk_full_while_predicting_leaves_no_file_under_the_final_name(
 # 8. Interrupts --------------------------------------------------------------------------------
 
 
-def test_sigterm_at_an_epoch_boundary_then_resume_matches_an_uninterrupted_run(tmp_path, cifar_root, env):
-    common = ("--trainer.max_epochs=3", "--finetuning.strategy=full", "--trainer.limit_val_batches=1")
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    assert run_transfer(*_fit_args(cifar_root, *common), cwd=straight, env=env).returncode == 0
-
-    stopped = tmp_path / "stopped"
-    stopped.mkdir()
-    interrupted = run_transfer(
-        *_fit_args(cifar_root, *common, "--trainer.callbacks+=faults.SignalAtEpochEnd"), cwd=stopped, env=env
-    )
-    _assert_clean_failure(interrupted, 143, "SIGTERM")
-    assert "resumable checkpoint" in interrupted.stderr
-    resumed = run_transfer(*_fit_args(cifar_root, *common, "--ckpt_path=last"), cwd=stopped, env=env)
-    assert resumed.returncode == 0, resumed.stderr
-
-    def final(cwd: Path) -> dict[str, torch.Tensor]:
-        path = cwd / "runs" / "resnet50-cifar10" / "version_0" / "checkpoints" / "last.ckpt"
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-    a, b = final(straight), final(stopped)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_ctrl_c_mid_epoch_exits_130_with_a_resumable_checkpoint(tmp_path, cifar_root, env):
-    result = run_transfer(
-        *_fit_args(cifar_root, "--trainer.limit_train_batches=4", "--trainer.callbacks+=faults.SignalAtBatch"),
-        cwd=tmp_path, env=env,
-    )  # fmt: skip
-    _assert_clean_failure(result, 130, "interrupted")
-    last = tmp_path / "runs" / "resnet50-cifar10" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2
-    resumed = run_transfer(
-        *_fit_args(cifar_root, "--trainer.limit_train_batches=4", "--ckpt_path=last"), cwd=tmp_path, env=env
-    )
-    assert resumed.returncode == 0, resumed.stderr
+# Interrupts during fit and resuming: tests/test_runs.py.
 
 
 # 9. Predict -----------------------------------------------------------------------------------

@@ -20,7 +20,17 @@ from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, 
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, resolve_config_args, summarize_parser_error
-from transfer_cli.runs import check_same_classes, check_writable, default_precision, keep_metrics, resolve_last
+from transfer_cli.runs import (
+    check_new_or_resumed,
+    check_resumable,
+    check_same_classes,
+    check_writable,
+    continue_in_run,
+    default_precision,
+    fill_logger_defaults,
+    keep_metrics,
+    resolve_last,
+)
 from transfer_cli.safety import (
     AtomicCheckpointIO,
     InterruptCheckpoint,
@@ -37,6 +47,7 @@ CKPT_SUBCOMMANDS = ("validate", "test", "predict")
 class TransferCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
         self._checkpoint: dict[str, Any] | None = None
+        self._resumed_run: Path | None = None
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -44,10 +55,12 @@ class TransferCLI(LightningCLI):
             subclass_mode_data=True,
             # Resuming writes into the run directory it resumes, whose config.yaml is the same run's.
             save_config_kwargs={"overwrite": True},
+            # Runs go to <default_root_dir or ./runs>/<recipe>/version_N: an empty save_dir and no name
+            # are filled in by runs.fill_logger_defaults, so any value given on the command line wins.
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": "runs", "name": "transfer"},
+                    "init_args": {"save_dir": "", "name": None},
                 }
             },
             seed_everything_default=42,
@@ -111,6 +124,13 @@ class TransferCLI(LightningCLI):
             subcommand = next((a for a in args if a in SUBCOMMANDS), "SUBCOMMAND")
             raise ConfigError(f"{summarize_parser_error(str(err))}\nSee `transfer {subcommand} --help`.") from None
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would torch.load a --ckpt_path here to merge hyper_parameters, which transfer's models
+        # never save, and fail with a traceback on a truncated or foreign file. fit checks the checkpoint
+        # itself (runs.check_resumable), with exit 4 and before a run directory exists.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
         """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
         subcommand = next((a for a in args if a in SUBCOMMANDS), None)
@@ -147,12 +167,17 @@ class TransferCLI(LightningCLI):
             self.save_config_callback = None
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            config.ckpt_path = resolve_last(config.trainer.logger)
-            # Continue in the resumed run's own directory instead of opening a new version.
-            run_dir = Path(config.ckpt_path).parent.parent
-            config.trainer.logger.init_args.version = run_dir.name
-            keep_metrics(run_dir)
+        if self.subcommand == "fit":
+            self._place_run(config)
+
+    def _place_run(self, config: Any) -> None:
+        """Where a fit writes, which checkpoint it resumes, and whether it continues an earlier run there."""
+        fill_logger_defaults(config.trainer.logger, config.trainer.default_root_dir, config.get("config"))
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = resolve_last(config)
+        if config.get("ckpt_path"):
+            continue_in_run(config, config.ckpt_path)
+        self._resumed_run = check_new_or_resumed(config)
 
     def after_instantiate_classes(self) -> None:
         self.datamodule.connect(self.model.backbone)
@@ -189,7 +214,13 @@ class TransferCLI(LightningCLI):
     def fit(self, **kwargs: Any) -> None:
         # Data errors surface here, before the logger creates a run directory or workers start.
         self.datamodule.setup("fit")
+        if kwargs.get("ckpt_path"):
+            check_resumable(kwargs["ckpt_path"], self.model, self.datamodule)
         check_writable(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is None in fast_dev_run
+        if self._resumed_run is not None:
+            keep_metrics(self._resumed_run)
+            # Expected when a run continues in its own directory; a new run there was refused before.
+            warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
         self._run(self.trainer.fit, **kwargs)
 
     def validate(self, **kwargs: Any) -> None:
@@ -259,7 +290,6 @@ def run(args: list[str] | None = None) -> None:
         r".*module\(s\) in eval mode.*",
         r".*LeafSpec.*is deprecated.*",
         r".*smaller than the logging interval.*",
-        r".*exists and is not empty.*",
     ):
         # Expected with a frozen backbone / a short run; noise for users.
         warnings.filterwarnings("ignore", message=message)

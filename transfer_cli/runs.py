@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from transfer_cli.checkpoint import read_checkpoint
 from transfer_cli.errors import CheckpointError, ConfigError, ResourceError
 
 
@@ -44,14 +45,149 @@ def default_precision(accelerator: Any) -> str:
     return "32-true"
 
 
-def resolve_last(logger: Any) -> str:
-    """`--ckpt_path last`: the newest last.ckpt among this recipe's earlier runs."""
-    init_args = getattr(logger, "init_args", None) or {}
-    root = Path(init_args.get("save_dir", "runs")) / str(init_args.get("name", "transfer"))
-    found = sorted(root.glob("version_*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+DEFAULT_RUNS_DIR = "runs"
+
+
+def _logger_args(logger: Any) -> Any:
+    """The init_args of the first logger (the one Lightning places checkpoints by), if it has any."""
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    return getattr(logger, "init_args", None)
+
+
+def recipe_name(configs: Any) -> str:
+    """The run name a recipe gives: the stem of the first --config file."""
+    for config in configs or []:
+        path = Path(str(getattr(config, "relative", config)))
+        if "\n" not in str(path) and path.suffix in (".yaml", ".yml", ".json"):
+            return path.stem
+    return "transfer"
+
+
+def fill_logger_defaults(logger: Any, default_root_dir: Any, configs: Any) -> None:
+    """Runs go under --trainer.default_root_dir (./runs without it), named after the recipe.
+
+    The CLI's default logger leaves save_dir empty and name unset so that these two facts are stated
+    once, here, and a value the user gives always wins.
+    """
+    init_args = _logger_args(logger)
+    if init_args is None:
+        return
+    if init_args.get("save_dir", None) == "":
+        init_args.save_dir = str(default_root_dir or DEFAULT_RUNS_DIR)
+    if "name" in init_args and init_args.get("name") is None:
+        init_args.name = recipe_name(configs)
+
+
+def _version_dir(version: Any) -> str:
+    return version if isinstance(version, str) else f"version_{version}"
+
+
+def run_directory(trainer_config: Any) -> Path | None:
+    """The directory this run writes into, when it can be known before the logger picks a version."""
+    logger = trainer_config.logger
+    if logger is False or logger is None:
+        return Path(trainer_config.default_root_dir or ".")
+    init_args = _logger_args(logger)
+    if init_args is None or init_args.get("version") is None or init_args.get("save_dir") is None:
+        return None
+    return Path(init_args.save_dir) / str(init_args.get("name") or "") / _version_dir(init_args.version)
+
+
+def checkpoint_directory(config: Any) -> Path | None:
+    if config.checkpoint.dirpath:
+        return Path(config.checkpoint.dirpath)
+    run_dir = run_directory(config.trainer)
+    return None if run_dir is None else run_dir / "checkpoints"
+
+
+def resolve_last(config: Any) -> str:
+    """`--ckpt_path last`: the newest last.ckpt among the earlier runs in the place this run writes to."""
+    where = checkpoint_directory(config)
+    init_args = _logger_args(config.trainer.logger)
+    if where is not None:
+        found = list(where.glob("last*.ckpt"))
+        searched = where
+    elif init_args is not None and init_args.get("save_dir"):
+        root = Path(init_args.save_dir) / str(init_args.get("name") or "")
+        found = list(root.glob("version_*/checkpoints/last*.ckpt"))
+        searched = root / "version_*" / "checkpoints"
+    else:
+        raise ConfigError("--ckpt_path last: this logger does not say where runs are; give the checkpoint file.")
     if not found:
-        raise ConfigError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to resume from.")
-    return str(found[-1])
+        raise ConfigError(
+            f"--ckpt_path last: no last.ckpt under {searched} to resume from. Check --trainer.default_root_dir, "
+            "--trainer.logger.init_args.name/version, or give the checkpoint file to --ckpt_path."
+        )
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
+def continue_in_run(config: Any, ckpt_path: str) -> None:
+    """A checkpoint from one of this recipe's runs is resumed in that run's directory, not a new version,
+    so the run keeps one last.ckpt and one metrics history."""
+    init_args = _logger_args(config.trainer.logger)
+    if config.checkpoint.dirpath or init_args is None or init_args.get("version") is not None:
+        return
+    if not init_args.get("save_dir"):
+        return
+    ckpt = Path(ckpt_path).resolve()
+    root = (Path(init_args.save_dir) / str(init_args.get("name") or "")).resolve()
+    if ckpt.parent.name == "checkpoints" and ckpt.parent.parent.parent == root:
+        init_args.version = ckpt.parent.parent.name
+
+
+def check_new_or_resumed(config: Any) -> Path | None:
+    """Refuse to start a run where an earlier run already wrote, unless this run resumes it.
+
+    Lightning would silently overwrite its last.ckpt and delete its metrics.csv. Returns the run
+    directory when this run continues an earlier one there.
+    """
+    ckpt_dir = checkpoint_directory(config)
+    if ckpt_dir is None:
+        return None  # a new version directory of its own
+    run_dir = ckpt_dir.parent
+    logged = config.trainer.logger not in (False, None) and (run_dir / "metrics.csv").is_file()
+    earlier = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if not earlier and not logged:
+        return None
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path and Path(ckpt_path).resolve().parent == ckpt_dir.resolve():
+        return run_dir
+    other = (
+        "--trainer.default_root_dir"
+        if config.trainer.logger in (False, None)
+        else "--trainer.logger.init_args.version (or leave it out for a new version_N)"
+    )
+    shown = "last.ckpt" if (ckpt_dir / "last.ckpt").is_file() else earlier[0].name if earlier else "metrics.csv"
+    raise ConfigError(
+        f"{run_dir} already holds an earlier run ({shown}); a new run "
+        f"would overwrite its checkpoints and metrics. To continue it, add --ckpt_path last (or --ckpt_path "
+        f"{ckpt_dir / 'last.ckpt'}); to start another, choose another {other}."
+    )
+
+
+def check_resumable(ckpt_path: str, model: Any, datamodule: Any) -> None:
+    """A checkpoint given to --ckpt_path must be one of this recipe's: same model, same classes.
+
+    Checked before Lightning opens the run directory, so a wrong file leaves nothing behind.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file.")
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint["transfer"]
+    if meta.get("class_names"):  # an autoencoder has none
+        check_same_classes(meta["class_names"], datamodule, ckpt_path)
+    theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored_class = (meta.get("model") or {}).get("class_path")
+    if theirs != ours or stored_class != f"{type(model).__module__}.{type(model).__qualname__}":
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path} is a checkpoint of another recipe ({stored_class}, "
+            f"{len(differ)} weights differ, e.g. {differ[:2]}); it cannot be resumed with this config. "
+            "Resume with the config it was trained with, or start a new run without --ckpt_path."
+        )
 
 
 def keep_metrics(run_dir: Path) -> None:

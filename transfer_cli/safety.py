@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.checkpoint import read_checkpoint
@@ -81,6 +82,14 @@ class RunCheckpoint(ModelCheckpoint):
             if self.save_last and self._last_global_step_saved != trainer.global_step:
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        # A resumed run continues its own last.ckpt: Lightning would write last-v1.ckpt beside it and leave
+        # last.ckpt stale whenever the file was not written by this process (an interrupt checkpoint,
+        # another process). No other run can share this directory (runs.check_new_or_resumed).
+        if self.save_last and "{" not in self.CHECKPOINT_NAME_LAST:
+            self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
     def _refresh_last(self, trainer: L.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
@@ -102,17 +111,30 @@ class NonFiniteLossGuard(Callback):
 
 
 class InterruptCheckpoint(Callback):
-    """On Ctrl-C or SIGTERM during fit, writes last.ckpt so `--ckpt_path last` continues the run."""
+    """On Ctrl-C or SIGTERM at any point of fit (training, validation, the sanity check), writes last.ckpt
+    so `--ckpt_path last` continues the run; before the first training step there is nothing to keep."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+        # trainer.training is False while fit validates; the function being run is still fit.
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not fitting:
             return
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or checkpoint.dirpath is None:
+        if checkpoint is None or checkpoint.dirpath is None or trainer.fast_dev_run:
+            return
+        if trainer.global_step == 0:
+            if trainer.is_global_zero:
+                print(
+                    "transfer: interrupted before the first training step; nothing to resume: run the same "
+                    "command again to start over.",
+                    file=sys.stderr,
+                )
             return
         path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        checkpoint.last_model_path = str(path)  # part of the saved state: the resumed run continues this file
         trainer.save_checkpoint(path)
-        print(f"transfer: interrupted; resumable checkpoint written to {path}", file=sys.stderr)
+        if trainer.is_global_zero:
+            print(f"transfer: interrupted; resumable checkpoint written to {path}", file=sys.stderr)
 
 
 class RandomState(Callback):
