@@ -129,6 +129,17 @@ def test_unknown_trainer_names_exit_2_before_any_run_directory(tmp_path, cifar_r
     assert not (tmp_path / "runs").exists()
 
 
+RANGES = [("batch_size", "-3", "1 or more"), ("batch_size", "0", "1 or more"), ("val_fraction", "1.5", "below 1")]
+
+
+@pytest.mark.parametrize("key,value,rule", RANGES, ids=[f"{k}={v}" for k, v, _ in RANGES])
+def test_out_of_range_data_settings_exit_2_before_any_run_directory(tmp_path, cifar_root, env, key, value, rule):
+    args = _fit(cifar_root, *TINY_IMAGE_BACKBONE, f"--data.init_args.{key}", value)
+    result = run_transfer(*args, cwd=tmp_path, env=env)
+    _assert_config_error(result, f"data.init_args.{key}", value, rule, absent=("internal",))
+    assert not (tmp_path / "runs").exists()
+
+
 # 4. A directory named like a recipe never shadows it -------------------------------------------
 
 

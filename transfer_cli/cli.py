@@ -114,8 +114,10 @@ class TransferCLI(LightningCLI):
             options = _option_names(self._subcommand_parsers.get(subcommand, parser))
             message = explain_parser_error(err, options)
             raise ConfigError(f"{message}\nSee `transfer {subcommand or 'SUBCOMMAND'} --help`.") from None
-        config = self.config.get(subcommand) if subcommand in self.config else self.config
+        chosen = self.config.get("subcommand")  # the parser's answer, not a guess from the words given
+        config = self.config[chosen] if chosen else self.config
         _check_trainer_names(config.get("trainer"))
+        _check_data_ranges(config.get("data"))
 
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
         """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
@@ -289,6 +291,20 @@ def _check_trainer_names(trainer: Any) -> None:
             close = difflib.get_close_matches(value.lower(), names, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]}?" if close else ""
             raise ConfigError(f"Unknown trainer.{key} {value!r}.{hint} Choose one of: {', '.join(sorted(names))}.")
+
+
+def _check_data_ranges(data: Any) -> None:
+    """Ranges that an `int`/`float` annotation cannot state; otherwise torch refuses them mid-setup,
+    after the run directory exists, with a ValueError (exit 1)."""
+    init_args = (data.get("init_args") if data is not None else None) or {}
+    batch_size, fraction = init_args.get("batch_size"), init_args.get("val_fraction")
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise ConfigError(f"data.init_args.batch_size must be 1 or more, got {batch_size}.")
+    if isinstance(fraction, (int, float)) and not 0 <= fraction < 1:
+        raise ConfigError(
+            f"data.init_args.val_fraction must be at least 0 and below 1, got {fraction}: it is the fraction "
+            "of the training examples held out for validation."
+        )
 
 
 def _option_value(args: list[str], name: str) -> str | None:
