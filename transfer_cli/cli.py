@@ -1,6 +1,7 @@
 """The `transfer` LightningCLI: Lightning's subcommands and hooks, with checkpoints that describe
 themselves, recipes by name, and stdout kept for data."""
 
+import difflib
 import sys
 import warnings
 from argparse import ArgumentError
@@ -16,10 +17,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
+from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.progress import print_metrics, progress_bar
-from transfer_cli.recipes import check_config_files, resolve_config_args, summarize_parser_error
+from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
 from transfer_cli.runs import (
     check_new_or_resumed,
     check_resumable,
@@ -40,7 +42,6 @@ from transfer_cli.safety import (
 )
 from transfer_cli.writer import PredictionWriter
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 CKPT_SUBCOMMANDS = ("validate", "test", "predict")
 
 
@@ -117,12 +118,19 @@ class TransferCLI(LightningCLI):
         args = list(sys.argv[1:] if args is None else args)
         args = resolve_config_args(args)
         check_config_files(args)
+        _check_something_to_run(args)
         args = self._with_checkpoint_config(args)
+        subcommand = next((a for a in args if a in SUBCOMMANDS), None)
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as err:
-            subcommand = next((a for a in args if a in SUBCOMMANDS), "SUBCOMMAND")
-            raise ConfigError(f"{summarize_parser_error(str(err))}\nSee `transfer {subcommand} --help`.") from None
+            options = _option_names(self._subcommand_parsers.get(subcommand, parser))
+            message = explain_parser_error(err, options)
+            raise ConfigError(f"{message}\nSee `transfer {subcommand or 'SUBCOMMAND'} --help`.") from None
+        chosen = self.config.get("subcommand")  # the parser's answer, not a guess from the words given
+        config = self.config[chosen] if chosen else self.config
+        _check_trainer_names(config.get("trainer"))
+        _check_data_ranges(config.get("data"))
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would torch.load a --ckpt_path here to merge hyper_parameters, which transfer's models
@@ -263,6 +271,71 @@ class TransferCLI(LightningCLI):
     def after_test(self) -> None:
         if self.trainer.is_global_zero:
             print_metrics("test", _epoch_metrics(self.trainer))
+
+
+def _given(args: list[str], name: str) -> bool:
+    return any(a == name or a.startswith((name + "=", name + ".")) for a in args)
+
+
+def _check_something_to_run(args: list[str]) -> None:
+    """Say what a subcommand needs when it is missing, instead of jsonargparse's "required: fit.data"."""
+    subcommand = next((a for a in args if a in SUBCOMMANDS), None)
+    if subcommand is None or any(a in ("-h", "--help") for a in args):
+        return
+    has_config = _given(args, "--config") or _given(args, "-c")
+    if subcommand == "predict" and not _given(args, "--ckpt"):
+        raise ConfigError(
+            "transfer predict needs --ckpt: a checkpoint written by `transfer fit` "
+            "(transfer predict --ckpt model.ckpt --input PATH|-)."
+        )
+    if subcommand in ("validate", "test") and not _given(args, "--ckpt") and not has_config:
+        raise ConfigError(
+            f"transfer {subcommand} needs --ckpt: a checkpoint written by `transfer fit` "
+            f"(transfer {subcommand} --ckpt model.ckpt), or a --config with a model and data."
+        )
+    if subcommand == "fit" and not has_config and not (_given(args, "--model") and _given(args, "--data")):
+        raise ConfigError(
+            f"transfer fit needs a recipe: --config NAME or FILE.yaml (recipes: {', '.join(recipe_names())}), "
+            "or --model CLASS and --data CLASS."
+        )
+
+
+def _option_names(parser: Any) -> list[str]:
+    """Every option string of a (sub)command parser, for "did you mean" on an unknown one."""
+    return [o for action in getattr(parser, "_actions", []) for o in action.option_strings]
+
+
+def _check_trainer_names(trainer: Any) -> None:
+    """Lightning checks these names only when the Trainer is built, with a ValueError (exit 1)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if trainer is None:
+        return
+    known = {
+        "accelerator": ["auto", "gpu", *AcceleratorRegistry.available_accelerators()],
+        "strategy": ["auto", *StrategyRegistry.available_strategies()],
+    }
+    for key, names in known.items():
+        value = trainer.get(key)
+        if isinstance(value, str) and value.lower() not in names:
+            close = difflib.get_close_matches(value.lower(), names, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"Unknown trainer.{key} {value!r}.{hint} Choose one of: {', '.join(sorted(names))}.")
+
+
+def _check_data_ranges(data: Any) -> None:
+    """Ranges that an `int`/`float` annotation cannot state; otherwise torch refuses them mid-setup,
+    after the run directory exists, with a ValueError (exit 1)."""
+    init_args = (data.get("init_args") if data is not None else None) or {}
+    batch_size, fraction = init_args.get("batch_size"), init_args.get("val_fraction")
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise ConfigError(f"data.init_args.batch_size must be 1 or more, got {batch_size}.")
+    if isinstance(fraction, (int, float)) and not 0 <= fraction < 1:
+        raise ConfigError(
+            f"data.init_args.val_fraction must be at least 0 and below 1, got {fraction}: it is the fraction "
+            "of the training examples held out for validation."
+        )
 
 
 def _option_value(args: list[str], name: str) -> str | None:

@@ -4,12 +4,15 @@
 else goes to the LightningCLI in transfer_cli.cli.
 """
 
+import difflib
 import os
 import sys
 import traceback
 
 from transfer_cli import __version__
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, as_transfer_error
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 USAGE = """\
 usage: transfer [-h] [--version] {fit,validate,test,predict} ...
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "--version":
         print(f"transfer {__version__}")
         return 0
+    if not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+        print(f"transfer: error: {_unknown_subcommand(args[0])}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         from transfer_cli.cli import run
 
@@ -75,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transfer: error: {_clean(str(cause))}", file=sys.stderr)
         return cause.exit_code
     return 0
+
+
+def _unknown_subcommand(name: str) -> str:
+    close = difflib.get_close_matches(name, SUBCOMMANDS, n=1, cutoff=0.5)
+    hint = f" Did you mean `transfer {close[0]}`?" if close else ""
+    return f"unknown subcommand '{name}'.{hint} Subcommands: {', '.join(SUBCOMMANDS)} (see `transfer --help`)."
 
 
 def _clean(message: str) -> str:
