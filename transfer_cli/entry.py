@@ -1,7 +1,7 @@
 """The `transfer` console script: cheap answers first, the CLI second, exit codes always.
 
-`transfer --help` and `--version` are answered without importing torch or lightning; everything
-else goes to the LightningCLI in transfer_cli.cli.
+`transfer --help` and `--version` are answered without importing torch or lightning; Lightning's
+verbs go to the LightningCLI in transfer_cli.cli, the others to their own functions (VERBS).
 """
 
 import difflib
@@ -12,18 +12,28 @@ import traceback
 from transfer_cli import __version__
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, as_transfer_error
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# One table of verbs: the usage text, the unknown-verb hint and the dispatch all come from it. A verb
+# without a target is Lightning's and goes to the LightningCLI; the others are plain functions
+# (`module:function`, called with the remaining arguments, returning an exit code), imported only when used.
+VERBS: dict[str, tuple[str, str | None]] = {
+    "fit": ("Train a head (and optionally the backbone) on a recipe: --config NAME|FILE", None),
+    "validate": ("Evaluate on the validation split: --ckpt model.ckpt", None),
+    "test": ("Evaluate on the test split: --ckpt model.ckpt", None),
+    "predict": ("Predict from a checkpoint alone: --ckpt model.ckpt --input PATH|-", None),
+    "backbones": (
+        "List usable backbone names: [--family torchvision|timm|huggingface] [PATTERN]",
+        "transfer_cli.backbone_list:main",
+    ),
+}
+SUBCOMMANDS = tuple(verb for verb, (_, target) in VERBS.items() if target is None)
 
 USAGE = """\
-usage: transfer [-h] [--version] {fit,validate,test,predict} ...
+usage: transfer [-h] [--version] {{{verbs}}} ...
 
-Finetune pretrained backbones (torchvision, HuggingFace, your own checkpoints) on your data.
+Finetune pretrained backbones (torchvision, timm, HuggingFace, your own checkpoints) on your data.
 
 subcommands:
-  fit        Train a head (and optionally the backbone) on a recipe: --config NAME|FILE
-  validate   Evaluate on the validation split: --ckpt model.ckpt
-  test       Evaluate on the test split: --ckpt model.ckpt
-  predict    Predict from a checkpoint alone: --ckpt model.ckpt --input PATH|-
+{table}
 
 recipes (for --config): {recipes}
 
@@ -36,7 +46,22 @@ recipe in full. --debug (or TRANSFER_DEBUG=1) shows tracebacks. Exit codes: 0 ok
 def _usage() -> str:
     from transfer_cli.recipes import recipe_names
 
-    return USAGE.replace("{recipes}", ", ".join(recipe_names()))
+    width = max(map(len, VERBS)) + 2
+    table = "\n".join(f"  {verb:<{width}}{summary}" for verb, (summary, _) in VERBS.items())
+    return USAGE.format(verbs=",".join(VERBS), table=table, recipes=", ".join(recipe_names()))
+
+
+def _dispatch(args: list[str]) -> int:
+    target = VERBS.get(args[0], (None, None))[1]
+    if target is None:
+        from transfer_cli.cli import run
+
+        run(args)
+        return 0
+    import importlib
+
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)(args[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,13 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] == "--version":
         print(f"transfer {__version__}")
         return 0
-    if not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+    if not args[0].startswith("-") and args[0] not in VERBS:
         print(f"transfer: error: {_unknown_subcommand(args[0])}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        from transfer_cli.cli import run
-
-        run(args)
+        return _dispatch(args)
     except KeyboardInterrupt:
         print("transfer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -80,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"transfer: error: {_clean(str(cause))}", file=sys.stderr)
         return cause.exit_code
-    return 0
 
 
 def _unknown_subcommand(name: str) -> str:
-    close = difflib.get_close_matches(name, SUBCOMMANDS, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(VERBS), n=1, cutoff=0.5)
     hint = f" Did you mean `transfer {close[0]}`?" if close else ""
-    return f"unknown subcommand '{name}'.{hint} Subcommands: {', '.join(SUBCOMMANDS)} (see `transfer --help`)."
+    return f"unknown subcommand '{name}'.{hint} Subcommands: {', '.join(VERBS)} (see `transfer --help`)."
 
 
 def _clean(message: str) -> str:
