@@ -297,3 +297,36 @@ def test_a_weights_download_prints_one_line_of_ours(tmp_path, monkeypatch, capfd
     assert captured.err.count("\n") == 1 and source.name in captured.err
     tv._download_state(Weights())  # cached now: nothing to say
     assert capfd.readouterr().err == ""
+
+
+# 5. A stderr nobody reads ----------------------------------------------------------------------
+
+
+def _predict_cats(ckpt: Path, imagefolder_root: Path) -> list[str]:
+    return [sys.executable, "-m", "transfer_cli", "predict", "--ckpt", str(ckpt), "--input",
+            str(imagefolder_root / "test" / "cat"), "--data.init_args.batch_size=4"]  # fmt: skip
+
+
+def test_a_closed_stderr_keeps_logs_off_stdout(tmp_path, fitted, env, imagefolder_root):
+    _, ckpt = fitted
+    # Like `transfer predict ... 2>&-`.
+    result = subprocess.run(
+        _predict_cats(ckpt, imagefolder_root), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2), text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0
+    rows = _json_rows(result.stdout)  # no progress line or log fell back to stdout
+    assert [row["input"] for row in rows] == sorted(str(p) for p in (imagefolder_root / "test" / "cat").glob("*.jpg"))
+
+
+def test_a_broken_stderr_pipe_does_not_stop_predictions(tmp_path, fitted, env, imagefolder_root):
+    _, ckpt = fitted
+    out = tmp_path / "preds.jsonl"
+    process = subprocess.Popen(
+        [*_predict_cats(ckpt, imagefolder_root), "--output", str(out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stderr.close()  # the log reader went away (`2>&1 >/dev/null | head -1`)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 0 and stdout == ""
+    assert len(_json_rows(out.read_text())) == 30  # every row, under the final name

@@ -18,7 +18,7 @@ from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
-from transfer_cli.noise import drop_lightning_tips
+from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, resolve_config_args, summarize_parser_error
 from transfer_cli.runs import check_same_classes, check_writable, default_precision, keep_metrics, resolve_last
@@ -255,6 +255,7 @@ def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
 
 def run(args: list[str] | None = None) -> None:
     # stdout is for data: Lightning's rich model summary prints through rich's global console.
+    forgiving_stderr()
     rich.reconfigure(stderr=True)
     drop_lightning_tips()
     for message in (
