@@ -254,8 +254,8 @@ def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
 
 
 def run(args: list[str] | None = None) -> None:
-    # stdout is for data: Lightning's rich model summary prints through rich's global console.
     forgiving_stderr()
+    # stdout is for data: Lightning's rich model summary prints through rich's global console.
     rich.reconfigure(stderr=True)
     drop_lightning_tips()
     for message in (

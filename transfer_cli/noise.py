@@ -66,8 +66,9 @@ def forgiving_stderr() -> None:
     if isinstance(sys.stderr, _ForgivingStderr):
         return
     if sys.stderr is None:
-        # Closed at start: print(file=None) would fall back to stdout and mix logs into the data, and the
-        # next file opened would get descriptor 2 and receive native code's messages.
+        # Closed at start (`2>&-`): print(file=None) would write logs into the data on stdout, and the next
+        # file opened would get descriptor 2 and receive native code's messages. (An import on the way
+        # here may already have patched this; we do not rely on it.)
         _devnull_on_fd(2)
         sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
     sys.stderr = _ForgivingStderr(sys.stderr)
