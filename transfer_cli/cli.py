@@ -20,6 +20,7 @@ from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, 
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
+from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
 from transfer_cli.runs import (
@@ -357,8 +358,10 @@ def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
 
 
 def run(args: list[str] | None = None) -> None:
+    forgiving_stderr()
     # stdout is for data: Lightning's rich model summary prints through rich's global console.
     rich.reconfigure(stderr=True)
+    drop_lightning_tips()
     for message in (
         r".*module\(s\) in eval mode.*",
         r".*LeafSpec.*is deprecated.*",

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,11 @@ def _download_state(weights_enum) -> dict[str, torch.Tensor]:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
+        if not cached.is_file():
+            # Instead of torch hub's "Downloading: ..." line: one of ours, naming the file and where it goes.
+            print(f"transfer: downloading {weights_enum.url} to {cached.parent}", file=sys.stderr, flush=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights_enum.url, str(cached), progress=False)
         return torch.hub.load_state_dict_from_url(weights_enum.url, progress=False, weights_only=True)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise WeightsUnavailableError(
