@@ -15,7 +15,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
+from transfer_cli.checkpoint import (
+    CheckpointMetadata,
+    config_from_checkpoint,
+    install_safe_loaders,
+    load_weights,
+    read_checkpoint,
+)
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.progress import print_metrics, progress_bar
@@ -112,8 +118,19 @@ class TransferCLI(LightningCLI):
             raise ConfigError(f"{summarize_parser_error(str(err))}\nSee `transfer {subcommand} --help`.") from None
 
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
-        """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
+        """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it.
+
+        Every checkpoint is checked here, before anything is built: --ckpt, and Lightning's own
+        --ckpt_path when it names a file (`last` is resolved later and read by the trainer, whose
+        every loader goes through read_checkpoint).
+        """
+        install_safe_loaders()
         subcommand = next((a for a in args if a in SUBCOMMANDS), None)
+        ckpt_path = _option_value(args, "--ckpt_path")
+        # Lightning's ckpt_path also takes words it resolves itself, and model-registry names.
+        lightning_word = ckpt_path in (None, "last", "best", "hpc", "null", "None") or ckpt_path.startswith("registry")
+        if subcommand is not None and not lightning_word:
+            read_checkpoint(ckpt_path)
         ckpt = _option_value(args, "--ckpt")
         if subcommand not in CKPT_SUBCOMMANDS or ckpt is None:
             return args
