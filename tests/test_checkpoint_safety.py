@@ -217,6 +217,26 @@ def test_a_stored_string_naming_an_untrusted_module_is_refused_before_it_is_impo
     assert not (tmp_path / "runs").exists()
 
 
+def test_lightning_hyper_parameters_naming_a_class_are_refused(tmp_path, image_ckpt, cifar_root, env, marker):
+    # LightningCLI parses a --ckpt_path's hyper_parameters into the model config, `_class_path` and all.
+    checkpoint = _load(image_ckpt)
+    checkpoint["hyper_parameters"] = {"_class_path": "evilpayload.Backbone"}
+    ckpt = _save(checkpoint, tmp_path / "hparams.ckpt")
+    fit = _image_fit_args(cifar_root, *TINY_IMAGE_BACKBONE)
+    result = run_transfer(*fit, "--ckpt_path", ckpt, cwd=tmp_path, env=env)
+    _assert_refused(result, marker, "evilpayload.Backbone", "_class_path")
+
+
+def test_resuming_last_goes_through_the_safe_loader_too(tmp_path, cifar_root, env, marker, pickled_payload):
+    # `last` is resolved after the command line is checked: the trainer's own loader must refuse it.
+    last = tmp_path / "runs" / "resnet50-cifar10" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    shutil.copy(pickled_payload, last)
+    env = {**env, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    result = run_transfer(*_image_fit_args(cifar_root, *TINY_IMAGE_BACKBONE), "--ckpt_path=last", cwd=tmp_path, env=env)
+    _assert_refused(result, marker, "last.ckpt", "refused for safety")
+
+
 def test_the_faults_module_named_as_a_source_is_refused(tmp_path, image_ckpt, imagefolder_root, env, marker):
     ckpt = _save(_nest(_load(image_ckpt), "faults.PoisonAtEpoch"), tmp_path / "faults.ckpt")
     result = run_transfer("predict", "--ckpt", ckpt, "--input", imagefolder_root / "test", cwd=tmp_path, env=env)

@@ -26,6 +26,10 @@ from transfer_cli.errors import CheckpointError
 FORMAT_VERSION = 1
 ALLOWED_CLASS_PREFIXES = ("transfer_cli.", "torch.", "torchvision.", "lightning.", "transformers.")
 STORED_SECTIONS = ("model", "data", "backbone_offline_init_args")
+# Lightning's own config sections: LightningCLI parses a --ckpt_path's hyper_parameters into the
+# model config (its `_class_path` too), so they are judged like ours.
+LIGHTNING_SECTIONS = ("hyper_parameters", "datamodule_hyper_parameters")
+CLASS_PATH_KEYS = ("class_path", "_class_path")
 
 # What a tokenizer's save_pretrained writes (transformers 5): data only. Any other stored name, a
 # `.py` module above all, could be code that transformers imports when it loads the tokenizer.
@@ -121,6 +125,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} was not written by transfer (no 'transfer' section), so it cannot describe its model. "
             "Use a checkpoint from `transfer fit`."
         )
+    for section in LIGHTNING_SECTIONS:
+        check_class_paths(checkpoint.get(section), path)
     for section in STORED_SECTIONS:
         check_class_paths(meta.get(section), path)
         check_no_stored_code(meta.get(section), path)
@@ -149,14 +155,15 @@ def check_class_paths(node: Any, where: str | Path, key: str | None = None) -> N
     shape instead, before anything is imported.
     """
     if isinstance(node, dict):
-        if "class_path" in node and not isinstance(node["class_path"], str):
-            _refuse_import(node["class_path"], "class_path", where)
+        for class_key in CLASS_PATH_KEYS:
+            if class_key in node and not isinstance(node[class_key], str):
+                _refuse_import(node[class_key], class_key, where)
         for child_key, value in node.items():
             check_class_paths(value, where, str(child_key))
     elif isinstance(node, list):
         for value in node:
             check_class_paths(value, where, key)
-    elif isinstance(node, str) and _imports_untrusted(node, strict=key == "class_path"):
+    elif isinstance(node, str) and _imports_untrusted(node, strict=key in CLASS_PATH_KEYS):
         _refuse_import(node, key, where)
 
 
@@ -216,8 +223,9 @@ def _check_tokenizer_files(files: Any, where: str | Path) -> None:
                 stored = json.loads(decode_stored_file(encoded))
             except (ValueError, TypeError, lzma.LZMAError):
                 _refuse_code("a corrupt tokenizer_config.json", where)
-            if isinstance(stored, dict) and any(key in stored for key in CODE_KEYS):
-                _refuse_code("a tokenizer_config.json with 'auto_map', which makes transformers import code", where)
+            for key in CODE_KEYS:
+                if isinstance(stored, dict) and key in stored:
+                    _refuse_code(f"a tokenizer_config.json with {key!r}, which makes transformers import code", where)
 
 
 def is_tokenizer_file_name(name: Any) -> bool:
