@@ -5,8 +5,14 @@ preprocessing and the versions, in plain types only, so the file loads with `wei
 `transfer predict --ckpt` can rebuild the model without the original config or any download.
 """
 
+import base64
+import functools
+import importlib.util
+import json
+import lzma
 import platform
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,46 @@ from transfer_cli.errors import CheckpointError
 
 FORMAT_VERSION = 1
 ALLOWED_CLASS_PREFIXES = ("transfer_cli.", "torch.", "torchvision.", "lightning.", "transformers.", "timm.")
+STORED_SECTIONS = ("model", "data", "backbone_offline_init_args")
+# Lightning's own config sections: LightningCLI parses a --ckpt_path's hyper_parameters into the
+# model config (its `_class_path` too), so they are judged like ours.
+LIGHTNING_SECTIONS = ("hyper_parameters", "datamodule_hyper_parameters")
+CLASS_PATH_KEYS = ("class_path", "_class_path")
+
+# What a tokenizer's save_pretrained writes (transformers 5): data only. Any other stored name, a
+# `.py` module above all, could be code that transformers imports when it loads the tokenizer.
+TOKENIZER_FILE_NAMES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "dict.txt",
+        "spiece.model",
+        "sentencepiece.model",
+        "sentencepiece.bpe.model",
+        "spm.model",
+        "spm_char.model",
+        "source.spm",
+        "target.spm",
+        "target_vocab.json",
+        "tokenizer.model",
+        "tiktoken.model",
+        "entity_vocab.json",
+        "normalizer.json",
+        "emoji.json",
+        "byte_maps.json",
+        "word_shape.json",
+        "word_pronunciation.json",
+    }
+)
+# Config keys through which transformers imports code named in them (models "with custom code").
+CODE_KEYS = ("auto_map", "custom_pipelines")
 
 
 def _versions() -> dict[str, str]:
@@ -58,6 +104,11 @@ class CheckpointMetadata(Callback):
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`, always explicit) and check it is one of ours."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory (a sharded checkpoint?); transfer loads only single-file checkpoints, the kind "
+            "`transfer fit` writes, because only those can be checked to hold plain data."
+        )
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path} (--ckpt).")
     try:
@@ -74,8 +125,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} was not written by transfer (no 'transfer' section), so it cannot describe its model. "
             "Use a checkpoint from `transfer fit`."
         )
-    for section in ("model", "data", "backbone_offline_init_args"):
+    for section in LIGHTNING_SECTIONS:
+        check_class_paths(checkpoint.get(section), path)
+    for section in STORED_SECTIONS:
         check_class_paths(meta.get(section), path)
+        check_no_stored_code(meta.get(section), path)
+        disable_remote_code(meta.get(section))
     return checkpoint
 
 
@@ -91,26 +146,122 @@ def _load_failure(err: Exception) -> str:
     return f"{type(err).__name__}: the file is truncated, corrupt, or not a checkpoint."
 
 
-# Keys whose value jsonargparse imports: class paths, and callables given as a plain dotted name.
-IMPORTED_KEYS = ("class_path", "head", "optimizer", "lr_scheduler")
+def check_class_paths(node: Any, where: str | Path, key: str | None = None) -> None:
+    """Refuse configs that could make jsonargparse import code from outside the trusted packages.
 
-
-def check_class_paths(node: Any, where: str | Path) -> None:
-    """Refuse configs that would import code from outside the trusted packages (before anything is)."""
+    jsonargparse imports every `class_path`, and any string shaped like an import path (`a.b`,
+    `a.b.C`) given to a parameter typed as a class or a callable, at any depth, in lists too. Those
+    types live in signatures that cannot be read without importing, so every string is judged by its
+    shape instead, before anything is imported.
+    """
     if isinstance(node, dict):
-        for key in IMPORTED_KEYS:
-            name = node.get(key)
-            named_elsewhere = isinstance(name, str) and not name.startswith(ALLOWED_CLASS_PREFIXES)
-            if named_elsewhere or (key == "class_path" and name is not None and not isinstance(name, str)):
-                raise CheckpointError(
-                    f"Checkpoint {where} names {name!r} ({key}), outside the trusted packages "
-                    f"({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refusing to load it."
-                )
-        for value in node.values():
-            check_class_paths(value, where)
+        for class_key in CLASS_PATH_KEYS:
+            if class_key in node and not isinstance(node[class_key], str):
+                _refuse_import(node[class_key], class_key, where)
+        for child_key, value in node.items():
+            check_class_paths(value, where, str(child_key))
     elif isinstance(node, list):
         for value in node:
-            check_class_paths(value, where)
+            check_class_paths(value, where, key)
+    elif isinstance(node, str) and _imports_untrusted(node, strict=key in CLASS_PATH_KEYS):
+        _refuse_import(node, key, where)
+
+
+def _imports_untrusted(value: str, strict: bool) -> bool:
+    if value.startswith(ALLOWED_CLASS_PREFIXES):
+        return False
+    if strict:
+        return True  # a class_path outside the trusted packages, whatever it looks like
+    if "." not in value or not all(part.isidentifier() for part in value.split(".")):
+        return False  # jsonargparse's own test: paths, hub names, floats and versions never import
+    # A file name such as `model.ckpt` has the same shape; it imports nothing unless its first part
+    # names a module Python can find, and finding a top-level module runs none of its code.
+    return _findable(value.split(".")[0])
+
+
+def _findable(module: str) -> bool:
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return True  # unsure means refuse
+
+
+def _refuse_import(name: Any, key: str | None, where: str | Path) -> None:
+    raise CheckpointError(
+        f"Checkpoint {where} names {name!r}" + (f" ({key})" if key else "") + ", which would import code "
+        f"outside the trusted packages ({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); "
+        "refusing to load it. Only checkpoints written by `transfer fit` are accepted."
+    )
+
+
+def check_no_stored_code(node: Any, where: str | Path) -> None:
+    """Refuse a stored config that carries code for transformers to import: an `auto_map` (or a
+    similar key) anywhere, tokenizer files other than the data files tokenizers write, or a stored
+    tokenizer_config.json that names code."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in CODE_KEYS:
+                _refuse_code(f"a {key!r} entry, which makes transformers import code", where)
+            if key == "tokenizer_files" and value is not None:
+                _check_tokenizer_files(value, where)
+            check_no_stored_code(value, where)
+    elif isinstance(node, list):
+        for value in node:
+            check_no_stored_code(value, where)
+
+
+def _check_tokenizer_files(files: Any, where: str | Path) -> None:
+    if not isinstance(files, dict):
+        _refuse_code("tokenizer_files that are not a mapping of file names", where)
+    for name, encoded in files.items():
+        if not is_tokenizer_file_name(name):
+            _refuse_code(f"the tokenizer file {name!r}, which is not one a tokenizer writes", where)
+        if name == "tokenizer_config.json":
+            try:
+                stored = json.loads(decode_stored_file(encoded))
+            except (ValueError, TypeError, lzma.LZMAError):
+                _refuse_code("a corrupt tokenizer_config.json", where)
+            for key in CODE_KEYS:
+                if isinstance(stored, dict) and key in stored:
+                    _refuse_code(f"a tokenizer_config.json with {key!r}, which makes transformers import code", where)
+
+
+def is_tokenizer_file_name(name: Any) -> bool:
+    # Extra chat templates live in a folder of their own, as Jinja text that nothing here renders.
+    folder, _, file = str(name).rpartition("/")
+    if folder == "additional_chat_templates":
+        return file.endswith(".jinja") and file[: -len(".jinja")].isidentifier()
+    return name in TOKENIZER_FILE_NAMES
+
+
+def decode_stored_file(encoded: str) -> bytes:
+    """A file as `HuggingFaceBackbone.offline_init_args` stores it: base64 of its xz-compressed bytes."""
+    return lzma.decompress(base64.b64decode(encoded, validate=True))
+
+
+def _refuse_code(what: str, where: str | Path) -> None:
+    raise CheckpointError(
+        f"Checkpoint {where} holds {what}; a checkpoint never runs code, so it is refused. "
+        "Only checkpoints written by `transfer fit` from models without custom code are accepted."
+    )
+
+
+def disable_remote_code(node: Any) -> None:
+    """Set every `trust_remote_code` in a stored config, at any depth, to False (in place).
+
+    Running code from a hub repository takes the user's own flag; a checkpoint never implies it.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "trust_remote_code":
+                node[key] = False
+            else:
+                disable_remote_code(value)
+    elif isinstance(node, list):
+        for value in node:
+            disable_remote_code(value)
 
 
 def config_from_checkpoint(checkpoint: dict[str, Any], keep_data_root: bool) -> dict[str, Any]:
@@ -119,10 +270,7 @@ def config_from_checkpoint(checkpoint: dict[str, Any], keep_data_root: bool) -> 
     model = _deep_copy(meta["model"])
     backbone = model.setdefault("init_args", {}).setdefault("backbone", {})
     backbone_args = backbone.setdefault("init_args", {})
-    backbone_args.update(meta.get("backbone_offline_init_args") or {})
-    if "trust_remote_code" in backbone_args:
-        # Never implied by a checkpoint: running code from a hub repository takes the user's own flag.
-        backbone_args["trust_remote_code"] = False
+    backbone_args.update(_deep_copy(meta.get("backbone_offline_init_args") or {}))
     data = _deep_copy(meta["data"])
     data_args = data.setdefault("init_args", {})
     data_args["class_names"] = list(meta["class_names"])
@@ -130,7 +278,9 @@ def config_from_checkpoint(checkpoint: dict[str, Any], keep_data_root: bool) -> 
         # Prediction reads --input; the training data need not exist on this machine.
         for key in ("root", "download"):
             data_args.pop(key, None)
-    return {"model": model, "data": data}
+    config = {"model": model, "data": data}
+    disable_remote_code(config)  # also for a checkpoint dict that did not come through read_checkpoint
+    return config
 
 
 def _deep_copy(node: Any) -> Any:
@@ -148,3 +298,50 @@ def load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path: str |
         raise CheckpointError(
             f"The weights in {path} do not fit the model built from its own config: {str(err).splitlines()[0]}"
         ) from err
+
+
+def reads_safely(load: Any) -> Any:
+    """Marks a CheckpointIO.load_checkpoint that goes through read_checkpoint (see install_safe_loaders)."""
+    load.transfer_reads_safely = True
+    return load
+
+
+def install_safe_loaders() -> None:
+    """Make read_checkpoint the only way a trainer loads a checkpoint, whatever the strategy.
+
+    Strategies that shard (FSDP, ModelParallel, DeepSpeed) override Strategy.load_checkpoint and read
+    the file past the trainer's checkpoint_io: FSDP through its own Unpickler, which runs any code a
+    pickle names, the others with weights_only left to torch's default (which an environment
+    variable turns off). Every such method is wrapped once, here, before any trainer exists.
+    """
+    from lightning.pytorch.strategies import Strategy, fsdp
+
+    for cls in _subclasses(Strategy):
+        load = vars(cls).get("load_checkpoint")
+        if load is not None and not getattr(load, "transfer_reads_safely", False):
+            cls.load_checkpoint = _checked_first(load, through_io=cls is Strategy)
+    # FSDP reads a full checkpoint file with a lazy Unpickler of its own; plain data loads as well eagerly.
+    fsdp._lazy_load = _load_plain_data
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found
+
+
+def _checked_first(load: Any, through_io: bool) -> Any:
+    @functools.wraps(load)
+    def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # The base class hands the file to checkpoint_io; ours reads it safely, and once is enough.
+        if not (through_io and getattr(self.checkpoint_io.load_checkpoint, "transfer_reads_safely", False)):
+            read_checkpoint(checkpoint_path)  # refuses, before the strategy unpickles anything
+        return load(self, checkpoint_path, weights_only=True)
+
+    load_checkpoint.transfer_reads_safely = True
+    return load_checkpoint
+
+
+def _load_plain_data(path: Any) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)

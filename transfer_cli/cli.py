@@ -16,7 +16,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.checkpoint import CheckpointMetadata, config_from_checkpoint, load_weights, read_checkpoint
+from transfer_cli.checkpoint import (
+    CheckpointMetadata,
+    config_from_checkpoint,
+    install_safe_loaders,
+    load_weights,
+    read_checkpoint,
+)
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
@@ -136,13 +142,29 @@ class TransferCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning would torch.load a --ckpt_path here to merge hyper_parameters, which transfer's models
         # never save, and fail with a traceback on a truncated or foreign file. fit checks the checkpoint
-        # itself (runs.check_resumable), with exit 4 and before a run directory exists.
-        if self.config.get("subcommand") != "fit":
-            super()._parse_ckpt_path()
+        # itself (runs.check_resumable), with exit 4 and before a run directory exists; elsewhere a path
+        # given in a YAML file (not seen by _with_checkpoint_config) is checked before Lightning parses it.
+        if self.config.get("subcommand") == "fit":
+            return
+        ckpt_path = self._subconfig().get("ckpt_path")
+        if ckpt_path is not None and Path(str(ckpt_path)).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
-        """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it."""
+        """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it.
+
+        Every checkpoint is checked here, before anything is built: --ckpt, and Lightning's own
+        --ckpt_path when it names a file (`last` is resolved later and read by the trainer, whose
+        every loader goes through read_checkpoint).
+        """
+        install_safe_loaders()
         subcommand = next((a for a in args if a in SUBCOMMANDS), None)
+        ckpt_path = _option_value(args, "--ckpt_path")
+        # Lightning's ckpt_path also takes words it resolves itself, and model-registry names.
+        lightning_word = ckpt_path in (None, "last", "best", "hpc", "null", "None") or ckpt_path.startswith("registry")
+        if subcommand is not None and not lightning_word:
+            read_checkpoint(ckpt_path)
         ckpt = _option_value(args, "--ckpt")
         if subcommand not in CKPT_SUBCOMMANDS or ckpt is None:
             return args

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from transfer_cli.checkpoint import read_checkpoint
+from transfer_cli.checkpoint import read_checkpoint, reads_safely
 from transfer_cli.errors import NonFiniteLossError, ResourceError
 
 
@@ -43,6 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "with --ckpt_path last."
             ) from err
 
+    @reads_safely
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         # Always the safe loader, whatever the caller or an environment variable asks for.
         checkpoint = read_checkpoint(path)

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from transfer_cli.backbones.base import Backbone
+from transfer_cli.checkpoint import CODE_KEYS, TOKENIZER_FILE_NAMES, decode_stored_file, is_tokenizer_file_name
 from transfer_cli.errors import ConfigError, WeightsUnavailableError
 
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -43,6 +44,8 @@ class HuggingFaceBackbone(Backbone):
             revision: Hub branch, tag or commit to load; null for the default branch.
             pooling: `cls` takes the first token's final hidden state; `mean` averages all tokens.
             trust_remote_code: Allow models whose code lives in their hub repository (runs that code).
+                Never applies to a backbone rebuilt from a checkpoint's model_config and tokenizer_files:
+                those are data only, and rebuilding them never runs code.
             model_config: Set by checkpoints: the model's config, to rebuild the architecture offline.
             tokenizer_files: Set by checkpoints: the tokenizer's files (name -> base64 of the xz-compressed
                 bytes), to rebuild it offline.
@@ -55,7 +58,7 @@ class HuggingFaceBackbone(Backbone):
                 "model.backbone: give both model_config and tokenizer_files (as a checkpoint stores them), or neither."
             )
         if model_config is not None:
-            self.model, self.tokenizer = _rebuild(model_config, tokenizer_files, trust_remote_code)
+            self.model, self.tokenizer = _rebuild(model_config, tokenizer_files)
             self._offline_args = {"model_config": model_config, "tokenizer_files": tokenizer_files}
         else:
             self.model, self.tokenizer = _load(model, revision, trust_remote_code)
@@ -179,29 +182,41 @@ def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
         }
 
 
-def _rebuild(config: dict[str, Any], tokenizer_files: dict[str, str], trust_remote_code: bool):
-    settings = dict(config)
+def _rebuild(config: dict[str, Any], tokenizer_files: dict[str, str]):
+    """The architecture from a stored config and the tokenizer from stored files, with no code run:
+    keys that name code are dropped, only the files a tokenizer writes are accepted, and remote code
+    stays off whatever the flag says (a checkpoint's contents are not the user's to vouch for)."""
+    settings = _without_code_keys(config)
     model_type = settings.pop("model_type", None)
     if not model_type:
         raise ConfigError("model.backbone.model_config has no model_type; it must come from a transfer checkpoint.")
     try:
         model_config = AutoConfig.for_model(model_type, **settings)
-        model = AutoModel.from_config(model_config, trust_remote_code=trust_remote_code).float()
+        model = AutoModel.from_config(model_config, trust_remote_code=False).float()
     except (ValueError, KeyError) as err:
         raise ConfigError(f"Cannot rebuild a {model_type!r} model from the checkpoint's config: {err}") from err
     with tempfile.TemporaryDirectory() as tmp:
         for name, encoded in tokenizer_files.items():
-            relative = PurePosixPath(name)
-            if relative.is_absolute() or ".." in relative.parts:
+            if not is_tokenizer_file_name(name):
                 raise ConfigError(
-                    f"Refusing tokenizer file name {name!r} from a checkpoint: not a plain relative path."
+                    f"Refusing tokenizer file {name!r} (model.backbone.tokenizer_files): only the data files a "
+                    f"tokenizer writes are accepted ({', '.join(sorted(TOKENIZER_FILE_NAMES))})."
                 )
-            target = Path(tmp, *relative.parts)
+            target = Path(tmp, *PurePosixPath(name).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                target.write_bytes(lzma.decompress(base64.b64decode(encoded)))
-            except (ValueError, lzma.LZMAError) as err:
+                content = decode_stored_file(encoded)
+                if name == "tokenizer_config.json":
+                    content = json.dumps(_without_code_keys(json.loads(content))).encode()
+            except (ValueError, TypeError, lzma.LZMAError) as err:
                 raise ConfigError(f"Tokenizer file {name!r} in the checkpoint is corrupt: {err}.") from err
+            target.write_bytes(content)
         # Loaded fully into memory, so the temporary directory can go.
-        tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
     return model, tokenizer
+
+
+def _without_code_keys(config: Any) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ValueError("expected a JSON object")
+    return {key: value for key, value in config.items() if key not in CODE_KEYS}
