@@ -123,15 +123,16 @@ def test_gradual_warms_the_backbone_rate_up_from_near_zero_after_unfreezing(tmp_
 
 def test_gradual_warmup_resumes_exactly_at_an_epoch_boundary(tmp_path, cifar_root, offline_env):
     # The warmup spans epochs 1 and 2; the run stops after epoch 1 and is resumed for epoch 2.
-    warmup = "--finetuning.backbone_warmup_steps=5"
-    whole, whole_ckpts = _fit_gradual(tmp_path, cifar_root, offline_env, "whole", warmup)
-    first, first_ckpts = _fit_gradual(tmp_path, cifar_root, offline_env, "parts", warmup, "--trainer.max_epochs=2")
+    # The schedule's length fixed, so the shorter first part runs the same steps as the whole run.
+    warmup = ("--finetuning.backbone_warmup_steps=5", "--model.init_args.lr_scheduler.init_args.total_steps=9")
+    whole, whole_ckpts = _fit_gradual(tmp_path, cifar_root, offline_env, "whole", *warmup)
+    first, first_ckpts = _fit_gradual(tmp_path, cifar_root, offline_env, "parts", *warmup, "--trainer.max_epochs=2")
     assert first == whole[:6]
     # Mid-warmup, the checkpoint holds the scheduled rates, not the scaled ones of the last update.
     groups = torch.load(first_ckpts / "last.ckpt", map_location="cpu", weights_only=True)["optimizer_states"][0]
     head, backbone = groups["param_groups"]
     assert backbone["name"] == "backbone" and backbone["lr"] == head["lr"]
-    resumed, resumed_ckpts = _fit_gradual(tmp_path, cifar_root, offline_env, "parts", warmup, "--ckpt_path=last")
+    resumed, resumed_ckpts = _fit_gradual(tmp_path, cifar_root, offline_env, "parts", *warmup, "--ckpt_path=last")
     assert [s["step"] for s in resumed] == [6, 7, 8]
     assert resumed == whole[6:]
     stored = torch.load(resumed_ckpts / "last.ckpt", map_location="cpu", weights_only=True)

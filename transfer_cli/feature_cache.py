@@ -88,13 +88,15 @@ class _FeatureBatches:
         return len(self.like.batch_sampler)
 
     def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # Drawn at the first batch, not in __iter__: Lightning calls iter() once on a loader that is
+        # not a DataLoader just to check it, and that call must not move the random state.
         reuses_workers = self.like.persistent_workers and self.like.num_workers > 0
         if not (reuses_workers and self._started):
             torch.empty((), dtype=torch.int64).random_(generator=self.like.generator)
         self._started = True
-        return self._batches()
-
-    def _batches(self):
         for indices in self.like.batch_sampler:
             index = torch.as_tensor(indices)
             yield {"features": self.features[index], "labels": self.labels[index]}
