@@ -18,7 +18,7 @@ def _probe(tmp_path, imagefolder_root, env, name: str, *extra: str):
         "--data.init_args.batch_size=512", "--trainer.max_epochs=3", "--trainer.accelerator=cpu",
         "--model.init_args.optimizer.init_args.lr=0.1",
         *extra,
-        cwd=cwd, env=env,
+        cwd=cwd, env=env, timeout=900,  # a loaded CI machine
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     state = torch.load(cwd / "runs" / "resnet50-cifar10" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

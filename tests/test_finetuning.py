@@ -47,7 +47,7 @@ def _fit(tmp_path, cifar_root, env, weights: Path, *extra: str):
         "--model.init_args.backbone.init_args.image_size=32", "--trainer.limit_train_batches=3",
         "--checkpoint.save_top_k=-1", "--checkpoint.every_n_epochs=1", "--checkpoint.filename={epoch}",
         *extra,
-        cwd=tmp_path, env=env,
+        cwd=tmp_path, env=env, timeout=900,  # a loaded CI machine
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return tmp_path / "runs" / "resnet50-cifar10" / "version_0" / "checkpoints"
