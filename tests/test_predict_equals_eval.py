@@ -31,7 +31,7 @@ IMAGE_BACKBONE = (
 
 
 def _fit(cwd: Path, env: dict, recipe: str, *args: str) -> Path:
-    result = run_transfer("fit", "--config", recipe, "--config", "debug", *args, cwd=cwd, env=env)
+    result = run_transfer("fit", "--config", recipe, "--config", "debug", *args, cwd=cwd, env=env, timeout=900)
     assert result.returncode == 0, result.stderr
     return cwd / "runs" / recipe / "version_0" / "checkpoints" / "last.ckpt"
 
@@ -41,7 +41,7 @@ def _predicted(cwd: Path, env: dict, ckpt: Path, source: str, stdin: str | None 
     # No progress lines: a predict that outlasts their interval crashes in LineProgressBar (reported apart).
     quiet = "--trainer.enable_progress_bar=false"
     result = run_transfer(
-        "predict", "--ckpt", ckpt, "--input", source, "--topk", "100", quiet, cwd=cwd, env=env, stdin=stdin
+        "predict", "--ckpt", ckpt, "--input", source, "--topk", "100", quiet, cwd=cwd, env=env, stdin=stdin, timeout=900
     )
     assert result.returncode == 0, result.stderr
     classes = torch.load(ckpt, map_location="cpu", weights_only=True)["transfer"]["class_names"]

@@ -64,7 +64,7 @@ def _fit_with_schedule(tmp_path, cifar_root, env, *extra: str) -> tuple[list[dic
         "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
         "--model.init_args.optimizer.init_args.lr=0.05",
         *extra,
-        cwd=tmp_path, env=env,
+        cwd=tmp_path, env=env, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "resnet50-cifar10" / "version_0"
