@@ -53,7 +53,8 @@ def _features_in_order(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     in_order = DataLoader(
         loader.dataset,
-        batch_size=loader.batch_size,
+        # A loader driven by a batch sampler (text's group_by_length) has no batch_size of its own.
+        batch_size=loader.batch_size or len(next(iter(loader.batch_sampler))),
         shuffle=False,
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
