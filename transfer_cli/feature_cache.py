@@ -22,55 +22,101 @@ def can_cache(trainer: L.Trainer, datamodule: Any) -> str | None:
         return "several devices (each would need its own shard of the cache)"
     if trainer.reload_dataloaders_every_n_epochs:
         return "dataloaders are reloaded every epoch"
-    if trainer.fast_dev_run or trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
+    if trainer.fast_dev_run or not _whole(trainer.limit_train_batches) or trainer.overfit_batches:
         return "the run uses part of the data (fast_dev_run, limit_train_batches or overfit_batches)"
     return None
 
 
+def _whole(limit: int | float) -> bool:
+    # Lightning reads an int as a number of batches and a float as a fraction: 1 is one batch, 1.0 all.
+    return isinstance(limit, float) and limit == 1.0
+
+
 @torch.inference_mode()
 def compute_features(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader) -> TensorDataset:
-    """One pass of the frozen backbone over a loader, kept in host memory (pinned on CUDA machines):
-    a large data set's features would not fit beside the model on the device."""
+    """One pass of the frozen backbone over a loader's dataset, in dataset order, kept in host memory
+    (pinned on CUDA machines): a large data set's features would not fit beside the model on the device.
+
+    The training random state is left exactly as it was, so the head then sees the same batches, in
+    the same order, as it would without the cache.
+    """
     device = trainer.strategy.root_device
-    backbone = pl_module.backbone.to(device).eval()
-    features, labels = [], []
-    for batch in loader:
-        # Lightning's transfer runs the datamodule's on_after_batch_transfer (the preprocessing) too.
-        batch = trainer.strategy.batch_to_device(batch, device)
-        with trainer.precision_plugin.forward_context():
-            features.append(backbone(batch["inputs"]).float().cpu())
-        labels.append(batch["labels"].cpu())
-    features, labels = torch.cat(features), torch.cat(labels)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        features, labels = _features_in_order(trainer, pl_module.backbone.to(device).eval(), loader, device)
     if torch.cuda.is_available():
         features, labels = features.pin_memory(), labels.pin_memory()
     return TensorDataset(features, labels)
 
 
-class _FeatureBatches(DataLoader):
-    """Batches of cached features, in the dict layout the model's steps take."""
+def _features_in_order(
+    trainer: L.Trainer, backbone: torch.nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    in_order = DataLoader(
+        loader.dataset,
+        # A loader driven by a batch sampler (text's group_by_length) has no batch_size of its own.
+        batch_size=loader.batch_size or len(next(iter(loader.batch_sampler))),
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+    features, labels = [], []
+    for batch in in_order:
+        # Lightning's transfer runs the datamodule's on_after_batch_transfer (the preprocessing) too.
+        batch = trainer.strategy.batch_to_device(batch, device)
+        with trainer.precision_plugin.forward_context():
+            features.append(backbone(batch["inputs"]).float().cpu())
+        labels.append(torch.as_tensor(batch["labels"]).cpu())
+    return torch.cat(features), torch.cat(labels)
 
-    def __init__(self, dataset: TensorDataset, batch_size: int, shuffle: bool):
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch)
 
+class _FeatureBatches:
+    """Batches of cached features, in the dict layout the model's steps take, in exactly the order the
+    replaced loader would have given its examples.
 
-def _as_batch(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    features, labels = zip(*rows)
-    return {"features": torch.stack(features), "labels": torch.stack(labels)}
+    The order comes from the replaced loader's own batch sampler, and the one random number a torch
+    DataLoader draws when it starts an epoch (its workers' base seed: every epoch, or only the first
+    with persistent workers) is drawn here too. The global random state then moves as it would have
+    without the cache, and so do the shuffles, dropout masks and everything else drawn from it.
+    """
+
+    def __init__(self, cached: TensorDataset, like: DataLoader):
+        self.features, self.labels = cached.tensors
+        self.like = like
+        self._started = False
+
+    def __len__(self) -> int:
+        return len(self.like.batch_sampler)
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # Drawn at the first batch, not in __iter__: Lightning calls iter() once on a loader that is
+        # not a DataLoader just to check it, and that call must not move the random state.
+        reuses_workers = self.like.persistent_workers and self.like.num_workers > 0
+        if not (reuses_workers and self._started):
+            torch.empty((), dtype=torch.int64).random_(generator=self.like.generator)
+        self._started = True
+        for indices in self.like.batch_sampler:
+            index = torch.as_tensor(indices)
+            yield {"features": self.features[index], "labels": self.labels[index]}
 
 
 def use_cached_features(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
     """Replace the datamodule's train and val loaders with loaders over cached features."""
     datamodule = trainer.datamodule
     start = time.perf_counter()
-    batch_size = datamodule.batch_size
-    train = compute_features(trainer, pl_module, datamodule.train_dataloader())
+    train_loader = datamodule.train_dataloader()
+    train = compute_features(trainer, pl_module, train_loader)
     # Instance attributes shadow the datamodule's methods: Lightning asks the datamodule for its
     # loaders by name, and the datamodule classes stay unaware of the cache.
-    datamodule.train_dataloader = lambda: _FeatureBatches(train, batch_size, shuffle=True)
+    datamodule.train_dataloader = lambda: _FeatureBatches(train, train_loader)
     cached = f"{len(train)} train"
-    if trainer.limit_val_batches == 1.0 and is_overridden("val_dataloader", datamodule):
-        val = compute_features(trainer, pl_module, datamodule.val_dataloader())
-        datamodule.val_dataloader = lambda: _FeatureBatches(val, batch_size, shuffle=False)
+    if _whole(trainer.limit_val_batches) and is_overridden("val_dataloader", datamodule):
+        val_loader = datamodule.val_dataloader()
+        val = compute_features(trainer, pl_module, val_loader)
+        datamodule.val_dataloader = lambda: _FeatureBatches(val, val_loader)
         cached += f" and {len(val)} val"
     print(
         f"transfer: cached frozen features of {cached} examples in {time.perf_counter() - start:.1f}s; "

@@ -3,7 +3,7 @@
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,10 +13,14 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_cli.backbones.base import Backbone
+from transfer_cli.errors import ConfigError
 from transfer_cli.heads import LinearHead
-from transfer_cli.schedules import optimizers
+from transfer_cli.schedules import build, optimizers
 
 HeadFactory = Callable[[int, int], nn.Module]
+# What _step and _log_accuracy log, by the names Lightning gives them (train_loss is logged per step
+# and per epoch, hence its _step and _epoch variants).
+MONITORABLE = ("val_loss", "val_acc", "train_loss_epoch", "train_acc")
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -31,6 +35,8 @@ class TransferModel(L.LightningModule):
         head: HeadFactory = LinearHead,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_monitor: str = "val_loss",
+        lr_scheduler_interval: Literal["step", "epoch"] | None = None,
         backbone_lr_factor: float = 1.0,
         label_smoothing: float = 0.0,
         compile: bool = False,
@@ -43,6 +49,9 @@ class TransferModel(L.LightningModule):
             head: Head class, called with (backbone.num_features, len(class_names)).
             optimizer: Optimizer over the head's and the backbone's parameters.
             lr_scheduler: Optional learning-rate schedule for that optimizer.
+            lr_scheduler_monitor: The metric ReduceLROnPlateau follows (one of MONITORABLE).
+            lr_scheduler_interval: Step the schedule every optimizer `step` or every `epoch`; null
+                takes the schedule's own (per step: WarmupDecay, OneCycleLR, CyclicLR; others per epoch).
             backbone_lr_factor: The backbone trains at the optimizer's learning rate times this
                 factor (whenever the finetuning strategy lets it train).
             label_smoothing: Label smoothing of the cross-entropy loss.
@@ -55,6 +64,14 @@ class TransferModel(L.LightningModule):
         self.head = head(backbone.num_features, len(self.class_names))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        if lr_scheduler_monitor not in MONITORABLE:
+            # Checked here, before training: Lightning would only fail at the end of the first epoch.
+            raise ConfigError(
+                f"model.lr_scheduler_monitor {lr_scheduler_monitor!r} is not a metric the model logs: "
+                f"use one of {', '.join(MONITORABLE)}."
+            )
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.lr_scheduler_interval = lr_scheduler_interval
         self.backbone_lr_factor = backbone_lr_factor
         self.label_smoothing = label_smoothing
         self.compile_modules = compile
@@ -130,12 +147,13 @@ class TransferModel(L.LightningModule):
         # The backbone always has its own parameter group, frozen or not: a frozen parameter has no
         # gradient and the optimizer skips it, so unfreezing later needs no optimizer surgery and the
         # LR schedule sees the same groups from the first step to the last.
-        optimizer = self.optimizer_factory(
-            [
-                {"params": list(self.head.parameters()), "name": "head"},
-                {"params": list(self.backbone.parameters()), "name": "backbone"},
-            ]
-        )
+        groups = [
+            {"params": list(self.head.parameters()), "name": "head"},
+            {"params": list(self.backbone.parameters()), "name": "backbone"},
+        ]
+        optimizer = build(self.optimizer_factory, "model.optimizer", groups)
         backbone_group = optimizer.param_groups[1]
         backbone_group["lr"] = backbone_group["lr"] * self.backbone_lr_factor
-        return optimizers(optimizer, self.lr_scheduler_factory, self.trainer)
+        return optimizers(
+            optimizer, self.lr_scheduler_factory, self.trainer, self.lr_scheduler_monitor, self.lr_scheduler_interval
+        )

@@ -4,7 +4,9 @@ import math
 from typing import Any, Literal
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR, ReduceLROnPlateau
+
+from transfer_cli.errors import ConfigError
 
 
 class WarmupDecay(LambdaLR):
@@ -64,12 +66,52 @@ class WarmupDecay(LambdaLR):
         return 1.0 - progress
 
 
-def optimizers(optimizer: Optimizer, lr_scheduler_factory: Any, trainer: Any) -> Any:
-    """What configure_optimizers returns: the optimizer, with its schedule when there is one."""
+# torch's schedules built to move every optimizer step; all others move once per epoch.
+PER_STEP_SCHEDULES = (OneCycleLR, CyclicLR)
+
+
+def optimizers(
+    optimizer: Optimizer,
+    lr_scheduler_factory: Any,
+    trainer: Any,
+    monitor: str = "val_loss",
+    interval: str | None = None,
+) -> Any:
+    """What configure_optimizers returns: the optimizer, with its schedule when there is one.
+
+    A schedule that takes `total_steps` and was not given one (nor `epochs`) gets the run's length
+    from the trainer; ReduceLROnPlateau follows `monitor` (or its own `monitor`, as Lightning's CLI
+    subclass has); `interval` overrides where the schedule steps.
+    """
     if lr_scheduler_factory is None:
         return optimizer
-    scheduler = lr_scheduler_factory(optimizer)
+    run_length = _run_length(lr_scheduler_factory, trainer)
+    scheduler = build(lr_scheduler_factory, "model.lr_scheduler", optimizer, **run_length)
     if isinstance(scheduler, WarmupDecay) and scheduler.total_steps is None:
         scheduler.set_total_steps(int(trainer.estimated_stepping_batches))
-    interval = getattr(scheduler, "interval", "epoch")
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+    config = {"scheduler": scheduler, "interval": interval or _interval(scheduler)}
+    if isinstance(scheduler, ReduceLROnPlateau):
+        config["monitor"] = getattr(scheduler, "monitor", None) or monitor
+    return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def build(factory: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Construct an optimizer or schedule; settings it rejects are config errors, not crashes."""
+    try:
+        return factory(*args, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}. Change its init_args (`--print_config` shows them).") from err
+
+
+def _run_length(factory: Any, trainer: Any) -> dict[str, int]:
+    # The CLI hands schedules over as partials holding every init arg, so an unset length shows as None.
+    given = getattr(factory, "keywords", None) or {}
+    if "total_steps" in given and given["total_steps"] is None and given.get("epochs") is None:
+        return {"total_steps": int(trainer.estimated_stepping_batches)}
+    return {}
+
+
+def _interval(scheduler: Any) -> str:
+    if hasattr(scheduler, "interval"):
+        return scheduler.interval
+    return "step" if isinstance(scheduler, PER_STEP_SCHEDULES) else "epoch"

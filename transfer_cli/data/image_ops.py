@@ -173,11 +173,14 @@ class BatchImageTransform:
 
     def __call__(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
         p = self.preprocessing
-        images = images.float()
         if augment:
             # Crop at the native resolution (CIFAR's classic pad-4-of-32), then scale like evaluation.
-            images = random_crop_flip(images, padding=max(1, images.shape[-1] // 8))
-        images = resize_center_crop(images, p.resize_size, p.crop_size, p.interpolation)
+            # Cropping and flipping only move pixels, so the uint8 values come back exactly.
+            images = random_crop_flip(images.float(), padding=max(1, images.shape[-1] // 8)).to(images.dtype)
+        # Resized as uint8 (rounded), exactly as image files are in the loader workers (ImageFiles):
+        # in-memory images (CIFAR-10) are then trained and evaluated on the pixels that predicting on
+        # their files sees. Resized as floats, they differed by up to half a grey level.
+        images = resize_center_crop(images, p.resize_size, p.crop_size, p.interpolation).float()
         mean, std = self._mean_std(images.device)
         images = (images - mean) / std
         if self.channels_last:
