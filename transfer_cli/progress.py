@@ -62,7 +62,9 @@ class LineProgressBar(ProgressBar):
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
-            self._print(f"predict batch {batch_idx + 1}/{self.total_predict_batches_current_dataloader}")
+            # A stream's length is unknown (inf) until it ends.
+            total = trainer.num_predict_batches[dataloader_idx]
+            self._print(f"predict batch {batch_idx + 1}" + ("" if total == float("inf") else f"/{total}"))
 
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:
