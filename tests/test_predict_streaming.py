@@ -304,3 +304,21 @@ def test_a_silent_producer_does_not_keep_sigterm_waiting(tmp_path, image_ckpt, j
     process.stdin.close()
     assert code == 143, stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_progress_lines_during_predict_from_a_stream_and_a_folder(tmp_path, image_ckpt, jpgs):
+    """The periodic progress line (stderr not a terminal) at interval 0, so it fires every batch."""
+    progress = ["--trainer.callbacks+=transfer_cli.progress.LineProgressBar", "--trainer.callbacks.interval_s=0"]
+    stdin = "".join(f"{p}\n" for p in jpgs)
+    streamed = run_transfer(
+        "predict", "--ckpt", image_ckpt, "--input", "-", "--data.init_args.batch_size=2", *progress,
+        cwd=tmp_path, stdin=stdin,
+    )  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert "predict batch 3\n" in streamed.stderr and len(streamed.stdout.splitlines()) == len(jpgs)
+    folder = run_transfer(
+        "predict", "--ckpt", image_ckpt, "--input", jpgs[0].parent, "--data.init_args.batch_size=16", *progress,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert folder.returncode == 0, folder.stderr[-2000:]
+    assert "predict batch 2/2\n" in folder.stderr
