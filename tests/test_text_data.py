@@ -270,18 +270,18 @@ def test_stdin_pairs_keep_their_order_and_lines(tiny, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO('A man eats.\tSomeone eats.\n\nIt is "so".\tIt is.\n'))
     data = MNLIDataModule(class_names=LABELS, predict_input="-")
     data.connect(tiny)
-    rows = data.predict_rows()
-    assert rows.ids == ["stdin:1", "stdin:3"]
-    assert rows.texts == [("A man eats.", "Someone eats."), ('It is "so".', "It is.")]
+    rows = [row for batch in data.predict_rows() for row in batch]  # batches, read as needed
+    assert rows == [("stdin:1", ("A man eats.", "Someone eats."), None), ("stdin:3", ('It is "so".', "It is."), None)]
 
 
 def test_stdin_line_without_a_tab_fails_for_pairs_but_is_one_text_for_single_sentences(tiny, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("premise\thypothesis\njust one sentence\n"))
-    with pytest.raises(DataError, match=r"stdin:2: expected sentence1<TAB>sentence2"):
-        MNLIDataModule(class_names=LABELS, predict_input="-").predict_rows()
+    # The bad line keeps its place with its error; the writer stops there or writes an error row.
+    [[_, (where, texts, error)]] = list(MNLIDataModule(class_names=LABELS, predict_input="-").predict_rows())
+    assert where == "stdin:2" and texts == ("", "") and "stdin:2: expected sentence1<TAB>sentence2" in error
     monkeypatch.setattr(sys, "stdin", io.StringIO("a\tb\n"))
     single = TextClassificationDataModule(class_names=["x", "y"], predict_input="-")
-    assert single.predict_rows().texts == [("a\tb",)]
+    assert list(single.predict_rows()) == [[("stdin:1", ("a\tb",), None)]]
 
 
 def test_predict_file_without_an_id_column_names_rows_by_file_and_line(tiny, tmp_path):
@@ -295,10 +295,10 @@ def test_predict_file_without_an_id_column_names_rows_by_file_and_line(tiny, tmp
 def test_predict_input_errors(tmp_path):
     data = TextClassificationDataModule(class_names=["x", "y"], predict_input=str(tmp_path / "missing.csv"))
     with pytest.raises(DataError, match="Input not found"):
-        data.predict_rows()
+        next(data.predict_rows())
     bad = _write(tmp_path / "in.txt", "hello\n")
     with pytest.raises(DataError, match="unsupported file type"):
-        TextClassificationDataModule(class_names=["x", "y"], predict_input=str(bad)).predict_rows()
+        next(TextClassificationDataModule(class_names=["x", "y"], predict_input=str(bad)).predict_rows())
 
 
 def test_length_grouped_batches_cover_every_example_once_with_little_padding():

@@ -2,6 +2,7 @@
 themselves, recipes by name, and stdout kept for data."""
 
 import difflib
+import os
 import sys
 import warnings
 from argparse import ArgumentError
@@ -47,7 +48,7 @@ from transfer_cli.safety import (
     RandomState,
     RunCheckpoint,
 )
-from transfer_cli.writer import PredictionWriter
+from transfer_cli.writer import PredictionWriter, StreamingPredictionLoop, output_format
 
 CKPT_SUBCOMMANDS = ("validate", "test", "predict")
 
@@ -118,6 +119,12 @@ class TransferCLI(LightningCLI):
                 "--output", type=str | None, default=None, help="A .jsonl or .csv file (default: stdout)."
             )
             parser.add_argument("--topk", type=int, default=3, help="Number of top classes in each row.")
+            parser.add_argument(
+                "--skip_bad_inputs",
+                type=bool,
+                default=False,
+                help="Write a row with an `error` field for an unreadable input and go on, instead of stopping.",
+            )
             parser.set_defaults({"return_predictions": False})
         return parser
 
@@ -166,6 +173,9 @@ class TransferCLI(LightningCLI):
         if subcommand is not None and not lightning_word:
             read_checkpoint(ckpt_path)
         ckpt = _option_value(args, "--ckpt")
+        if subcommand == "predict" and ckpt is None and not _asks_for_help(args):
+            # Before parsing: the parser would name the model and data it misses, not the flag to give.
+            raise ConfigError("transfer predict needs --ckpt: a checkpoint written by `transfer fit`.")
         if subcommand not in CKPT_SUBCOMMANDS or ckpt is None:
             return args
         self._checkpoint = read_checkpoint(ckpt)
@@ -182,10 +192,9 @@ class TransferCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
         if self.subcommand == "predict":
-            if config.get("ckpt") is None:
-                raise ConfigError("transfer predict needs --ckpt: a checkpoint written by `transfer fit`.")
             if config.get("input") is None:
                 raise ConfigError("transfer predict needs --input: an image, a folder, a text file, or - for stdin.")
+            check_predict_output(config.input, config.output)
             config.data.init_args.predict_input = config.input
             # Rows stream in input order from one process; several would each write their own share.
             if str(config.trainer.devices) == "auto":
@@ -233,7 +242,7 @@ class TransferCLI(LightningCLI):
             # Given at construction, so Lightning does not add its own bar writing to stdout.
             callbacks.append(progress_bar())
         if self.subcommand == "predict":
-            callbacks.append(PredictionWriter(output=config.output, topk=config.topk))
+            callbacks.append(PredictionWriter(config.output, config.topk, config.skip_bad_inputs))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -266,6 +275,10 @@ class TransferCLI(LightningCLI):
         output = self.config.predict.get("output")
         if output not in (None, "-"):
             check_writable(Path(output).parent)
+        # The writer needs no batch indices, which Lightning cannot know for a stream it did not batch.
+        warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
+        # Rows of batch n go out before batch n+1 is read: a stream's producer may be waiting for them.
+        self.trainer.predict_loop = StreamingPredictionLoop(self.trainer, self.trainer.predict_loop.inference_mode)
         self._run(self.trainer.predict, **kwargs)
 
     def _run(self, fn: Any, **kwargs: Any) -> None:
@@ -368,6 +381,29 @@ def _option_value(args: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg[len(name) + 1 :]
     return None
+
+
+def _asks_for_help(args: list[str]) -> bool:
+    return any(a in ("-h", "--help") or a.startswith("--print_config") for a in args)
+
+
+def check_predict_output(input_spec: str, output: str | None) -> None:
+    """Refuse an --output that is the --input file itself (under any spelling or link): the rename at
+    the end would replace the user's data with predictions. Checked before anything is read."""
+    if output in (None, "-"):
+        return
+    output_format(Path(output))
+    if input_spec == "-":
+        return
+    given, target = Path(input_spec), Path(output)
+    same = given.resolve() == target.resolve()
+    if not same and given.exists() and target.exists():
+        same = os.path.samefile(given, target)  # hard links
+    if same:
+        raise ConfigError(
+            f"--output {output} is the --input file: predictions would replace your input. "
+            "Choose another --output file name."
+        )
 
 
 def _has_progress_bar(callbacks: Any) -> bool:

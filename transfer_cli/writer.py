@@ -15,30 +15,27 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loops.fetchers import _DataFetcher, _PrefetchDataFetcher
+from lightning.pytorch.loops.prediction_loop import _PredictionLoop
 
-from transfer_cli.errors import EXIT_TERMINATED, ConfigError, Interrupted, ResourceError
+from transfer_cli.errors import EXIT_TERMINATED, ConfigError, DataError, Interrupted, ResourceError
 
 
 class PredictionWriter(BasePredictionWriter):
-    def __init__(self, output: str | None = None, topk: int = 3):
+    def __init__(self, output: str | None = None, topk: int = 3, skip_bad_inputs: bool = False):
         super().__init__(write_interval="batch")
         if topk < 1:
             raise ConfigError(f"--topk {topk}: give 1 or more.")
         self.output = None if output in (None, "-") else Path(output)
         self.topk = topk
-        self.format = self._format(self.output)
+        self.skip_bad_inputs = skip_bad_inputs
+        self.format = output_format(self.output)
+        self.skipped = 0
         self._stream: io.TextIOBase | None = None
         self._tmp: Path | None = None
         self._csv: csv.writer | None = None
+        self._columns: list[str] | None = None  # fixed by the first batch, so error rows fit the CSV header
         self._header_written = False
-
-    @staticmethod
-    def _format(output: Path | None) -> str:
-        if output is None or output.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            return "jsonl"
-        if output.suffix.lower() == ".csv":
-            return "csv"
-        raise ConfigError(f"--output {output}: use a .jsonl or .csv file name, or - for JSON lines on stdout.")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.output is None:
@@ -55,14 +52,20 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         if trainer.received_sigterm:  # Lightning's predict loop, unlike fit's, carries on after SIGTERM
             raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
-        ids = batch["ids"]
-        rows = self._rows(ids, prediction, pl_module)
-        try:
-            self._write(rows)
-        except OSError as err:
-            if isinstance(err, BrokenPipeError):
-                raise
-            raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
+        rows = self._rows(batch["ids"], prediction, pl_module)
+        errors = batch.get("errors") or [None] * len(rows)
+        if self._columns is None:
+            self._columns = [*rows[0], *(["error"] if self.skip_bad_inputs else [])]
+        written = []
+        for row, error in zip(rows, errors):
+            if error is not None and not self.skip_bad_inputs:
+                self._write(written)  # the rows before the bad input are kept
+                raise DataError(f"{error} Or pass --skip_bad_inputs true to write an error row for it and go on.")
+            if error is not None:
+                self.skipped += 1
+                row = {"input": row["input"], "error": error}
+            written.append(row)
+        self._write(written)
 
     def _rows(self, ids: list[str], prediction: dict[str, torch.Tensor], pl_module: Any) -> list[dict[str, Any]]:
         if "embedding" in prediction:
@@ -79,17 +82,26 @@ class PredictionWriter(BasePredictionWriter):
         return rows
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        if self.format == "jsonl":
-            self._stream.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        else:
-            if not self._header_written:
-                self._csv.writerow(list(rows[0].keys()))
-                self._header_written = True
-            for r in rows:
-                self._csv.writerow([_csv_cell(v) for v in r.values()])
-        self._stream.flush()
+        try:
+            if self.format == "jsonl":
+                self._stream.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            else:
+                if not self._header_written:
+                    self._csv.writerow(self._columns)
+                    self._header_written = True
+                for r in rows:
+                    self._csv.writerow([_csv_cell(r.get(c, "")) for c in self._columns])
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.skip_bad_inputs:
+            print(
+                f"transfer: predict: {self.skipped} unreadable input(s) skipped (rows with an error)", file=sys.stderr
+            )
         if self._tmp is None:
             return
         try:
@@ -106,11 +118,47 @@ class PredictionWriter(BasePredictionWriter):
         self._discard()
 
     def _discard(self) -> None:
-        if self._tmp is not None:
+        if self._tmp is None:
+            return
+        try:
             if self._stream is not None and not self._stream.closed:
+                # Closing flushes what is buffered, which fails again on a full disk.
                 self._stream.close()
+        except OSError:
+            pass
+        finally:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+
+
+class StreamingPredictionLoop(_PredictionLoop):
+    """Lightning's predict loop, minus its one-batch look-ahead on inputs of unknown length.
+
+    To tell which batch is the last, Lightning reads batch n+1 before it runs batch n. On a stream
+    that means batch n's rows wait for the producer's next lines: a request waiting for its answer
+    would wait forever. Nothing here needs to know the last batch in advance.
+    """
+
+    def reset(self) -> None:
+        super().reset()  # has read the first batch, which the fetcher keeps
+        if type(self._data_fetcher) is _PrefetchDataFetcher and self._data_fetcher.length is None:
+            self._data_fetcher.__class__ = _NoLookAheadFetcher
+
+
+class _NoLookAheadFetcher(_PrefetchDataFetcher):
+    def __next__(self) -> Any:
+        if self.batches:
+            return self.batches.pop(0)
+        return _DataFetcher.__next__(self)  # sets `done` when the input ends
+
+
+def output_format(output: Path | None) -> str:
+    """`jsonl` or `csv`, from the --output file name (JSON lines on stdout without one)."""
+    if output is None or output.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if output.suffix.lower() == ".csv":
+        return "csv"
+    raise ConfigError(f"--output {output}: use a .jsonl or .csv file name, or - for JSON lines on stdout.")
 
 
 def _csv_cell(value: Any) -> Any:

@@ -1,17 +1,22 @@
 """What every image datamodule shares: class names, the backbone's preprocessing, batches on device."""
 
 import os
+import select
 import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, BatchImageTransform, find_images, read_image, resize_center_crop
-from transfer_cli.errors import ConfigError, DataError
+from transfer_cli.errors import EXIT_TERMINATED, ConfigError, DataError, Interrupted
 
 
 def default_workers() -> int:
@@ -30,20 +35,36 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.labels is None:
+            return predict_item(self.paths[index], self.preprocessing)
         p = self.preprocessing
         image = resize_center_crop(read_image(self.paths[index]), p.resize_size, p.crop_size, p.interpolation)
-        if self.labels is None:
-            return {"inputs": image, "ids": str(self.paths[index])}
         return {"inputs": image, "labels": self.labels[index]}
 
 
+def predict_item(path: Path, preprocessing: ImagePreprocessing) -> dict[str, Any]:
+    """One input to predict on. An unreadable file becomes a blank image and its error, so the writer
+    (in the main process, in input order) decides between an error row and stopping after the rows
+    before it; a worker raising instead would lose the good rows of the same batch."""
+    p = preprocessing
+    try:
+        image = resize_center_crop(read_image(path), p.resize_size, p.crop_size, p.interpolation)
+    except DataError as err:
+        blank = torch.zeros(3, p.crop_size, p.crop_size, dtype=torch.uint8)
+        return {"inputs": blank, "ids": str(path), "errors": str(err)}
+    return {"inputs": image, "ids": str(path), "errors": None}
+
+
+def collate_predict(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "inputs": torch.stack([item["inputs"] for item in items]),
+        "ids": [item["ids"] for item in items],
+        "errors": [item["errors"] for item in items],
+    }
+
+
 def list_image_inputs(spec: str) -> list[Path]:
-    """An image file, a folder (searched recursively, sorted), or `-` for paths on stdin, one a line."""
-    if spec == "-":
-        paths = [Path(line) for line in (raw.strip() for raw in sys.stdin) if line]
-        if not paths:
-            raise DataError("No image paths on stdin (--input -): give one path per line.")
-        return paths
+    """An image file or a folder (searched recursively, sorted); stdin is read by StdinImages."""
     path = Path(spec)
     if path.is_file():
         return [path]
@@ -53,6 +74,92 @@ def list_image_inputs(spec: str) -> list[Path]:
             raise DataError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {path} (--input).")
         return files
     raise DataError(f"Input not found: {path} (--input). Give an image file, a folder, or - for paths on stdin.")
+
+
+class StdinImages(IterableDataset):
+    """Image paths read from stdin as they arrive, decoded by a pool of threads, batched in input order.
+
+    Loader worker processes cannot share one stdin and keep its order, so this runs in the main
+    process (num_workers=0) and decodes each batch on `threads` threads instead (PIL and torch
+    release the GIL while decoding and resizing). Memory holds one batch, whatever the stream's length.
+    """
+
+    def __init__(self, preprocessing: ImagePreprocessing, batch_size: int, threads: int, stopped: Callable[[], bool]):
+        self.preprocessing, self.batch_size, self.threads, self.stopped = preprocessing, batch_size, threads, stopped
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        empty = True
+        with ThreadPoolExecutor(max(1, self.threads)) as pool:
+            for lines in read_line_batches(sys.stdin, self.batch_size, self.stopped):
+                empty = False
+                paths = [Path(os.fsdecode(line.strip())) for _, line in lines]
+                yield collate_predict(list(pool.map(predict_item, paths, repeat(self.preprocessing))))
+        if empty:
+            raise DataError("No image paths on stdin (--input -): give one path per line.")
+
+
+def read_line_batches(
+    stream: Any, batch_size: int, stopped: Callable[[], bool], idle_s: float = 0.05
+) -> Iterator[list[tuple[int, bytes]]]:
+    """The non-blank lines of `stream` as (line number, bytes), in batches of up to `batch_size`.
+
+    A batch goes out when it is full or as soon as the producer pauses for `idle_s`, so rows flow
+    while the producer still writes (a line at a time, or a request waiting for its answer) and
+    full batches form when input comes fast. Reading the raw descriptor, not Python's buffered
+    lines, is what lets select() tell "nothing more yet" from "more already here".
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # an in-memory stream: everything is already here
+        yield from _batched(enumerate((line.encode() for line in stream), start=1), batch_size)
+        return
+    batch: list[tuple[int, bytes]] = []
+    rest, line_no = b"", 0
+    while True:
+        if batch and not _wait_readable(fd, stopped, idle_s):
+            yield batch
+            batch = []
+        _wait_readable(fd, stopped, None)
+        chunk = os.read(fd, 1 << 16)
+        *lines, rest = (rest + chunk).split(b"\n") if chunk else [rest, b""]
+        for line in lines:
+            line_no += 1
+            if line.strip():
+                batch.append((line_no, line.rstrip(b"\r")))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if not chunk:
+            break
+    if batch:
+        yield batch
+
+
+def _batched(numbered: Iterator[tuple[int, bytes]], batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
+    batch = []
+    for line_no, line in numbered:
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            batch.append((line_no, line))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _wait_readable(fd: int, stopped: Callable[[], bool], timeout: float | None) -> bool:
+    """Whether `fd` has data (or EOF) within `timeout` seconds (None: wait for it). Waits in short
+    slices: Lightning only notes a SIGTERM, and a run blocked on a silent producer must still end."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if stopped():
+            raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
+        left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+        if select.select([fd], [], [], max(0.0, left))[0]:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -112,4 +219,11 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_input is None:
             raise ConfigError("Nothing to predict: give --input PATH (an image, a folder, or - for stdin).")
-        return self._loader(ImageFiles(list_image_inputs(self.predict_input), self.preprocessing), shuffle=False)
+        if self.predict_input == "-":
+            stream = StdinImages(self.preprocessing, self.batch_size, self.num_workers, self._sigterm_received)
+            return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+        files = ImageFiles(list_image_inputs(self.predict_input), self.preprocessing)
+        return self._loader(files, shuffle=False, collate_fn=collate_predict)
+
+    def _sigterm_received(self) -> bool:
+        return self.trainer is not None and self.trainer.received_sigterm

@@ -6,20 +6,24 @@ arrays, and padded only to the longest sequence of each batch.
 """
 
 import sys
-from itertools import chain
+from collections.abc import Callable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from transfer_cli.data.base import read_line_batches
 from transfer_cli.data.text_records import TABLE_SUFFIXES, Rows, field_text, read_records
 from transfer_cli.errors import ConfigError, DataError
 
 TOKENIZE_CHUNK = 2048
+
+PredictRow = tuple[str, tuple[str, ...], str | None]  # id, texts, error
 
 
 class TokenizedTexts(Dataset):
@@ -48,24 +52,61 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, rows: Rows, max_length: int, wh
     chunks: dict[str, list[np.ndarray]] = {}
     lengths, truncated = [], 0
     for start in range(0, len(rows.texts), TOKENIZE_CHUNK):
-        columns = [list(c) for c in zip(*rows.texts[start : start + TOKENIZE_CHUNK])]
-        encoded = tokenizer(*columns, truncation=True, max_length=max_length, return_attention_mask=False)
-        input_ids = encoded["input_ids"]
-        # Only an example that fills max_length can have been cut; tokenizing those few again with
-        # one more token allowed tells which ones really were longer.
-        full = [i for i, ids in enumerate(input_ids) if len(ids) >= max_length]
-        if full:
-            again = tokenizer(*[[c[i] for i in full] for c in columns], truncation=True, max_length=max_length + 1)
-            truncated += sum(len(ids) > max_length for ids in again["input_ids"])
+        encoded, cut = encode(tokenizer, rows.texts[start : start + TOKENIZE_CHUNK], max_length)
+        truncated += cut
         for key, values in encoded.items():
             chunks.setdefault(key, []).append(np.fromiter(chain.from_iterable(values), dtype=np.int32))
+        input_ids = encoded["input_ids"]
         lengths.append(np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids)))
-    total = len(rows.texts)
-    print(f"transfer: {what}: {total} examples, {truncated} truncated to max_length {max_length}", file=sys.stderr)
+    report_truncated(what, len(rows.texts), truncated, max_length)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1, dtype=np.int64)
     features = {key: np.concatenate(parts) for key, parts in chunks.items()}
     # Labelled rows are named only in error messages, which come before this point.
     return TokenizedTexts(features, offsets, rows.labels, [] if rows.labels else rows.ids)
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, texts: list[tuple[str, ...]], max_length: int
+) -> tuple[dict[str, list[list[int]]], int]:
+    """Token ids of a chunk of examples, and how many of them were truncated at max_length."""
+    columns = [list(c) for c in zip(*texts)]
+    encoded = tokenizer(*columns, truncation=True, max_length=max_length, return_attention_mask=False)
+    # Only an example that fills max_length can have been cut; tokenizing those few again with
+    # one more token allowed tells which ones really were longer.
+    full = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= max_length]
+    truncated = 0
+    if full:
+        again = tokenizer(*[[c[i] for i in full] for c in columns], truncation=True, max_length=max_length + 1)
+        truncated = sum(len(ids) > max_length for ids in again["input_ids"])
+    return dict(encoded), truncated
+
+
+def report_truncated(what: str, total: int, truncated: int, max_length: int) -> None:
+    print(f"transfer: {what}: {total} examples, {truncated} truncated to max_length {max_length}", file=sys.stderr)
+
+
+class PredictTexts(IterableDataset):
+    """Texts to predict on, tokenized a batch at a time as they are read, so a file or a stream of
+    any length is never held whole; each yielded batch is padded and in input order.
+
+    `batches` gives lists of (id, texts, error): a row whose text could not be read keeps its place
+    with an empty text and its error, and the writer decides between an error row and stopping.
+    """
+
+    def __init__(self, batches: Callable[[], Iterator[list[PredictRow]]], tokenizer, max_length: int, collate):
+        self.batches, self.tokenizer, self.max_length, self.collate = batches, tokenizer, max_length, collate
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        total = truncated = 0
+        for rows in self.batches():
+            encoded, cut = encode(self.tokenizer, [texts for _, texts, _ in rows], self.max_length)
+            total, truncated = total + len(rows), truncated + cut
+            items = [
+                {"features": {key: np.asarray(values[i], dtype=np.int32) for key, values in encoded.items()}, "id": id_}
+                for i, (id_, _, _) in enumerate(rows)
+            ]
+            yield {**self.collate(items), "errors": [error for _, _, error in rows]}
+        report_truncated("predict", total, truncated, self.max_length)
 
 
 class PadCollate:
@@ -228,41 +269,57 @@ class TextDataModule(L.LightningDataModule):
         rows.labels = [index[label] for label in labels]
         return rows
 
-    def predict_rows(self) -> Rows:
-        """Rows of --input: a TSV/CSV/JSONL file with the text columns, or `-` for lines on stdin."""
+    def predict_rows(self) -> Iterator[list[PredictRow]]:
+        """Batches of --input rows, read as needed: a TSV/CSV/JSONL file with the text columns, or
+        `-` for lines on stdin (sent on as soon as the producer pauses)."""
         if self.predict_input == "-":
-            return self._lines(sys.stdin, "stdin")
+            yield from self._lines(sys.stdin, "stdin")
+            return
         path = Path(self.predict_input)
         if not path.is_file():
             raise DataError(
                 f"Input not found: {path} (--input). Give a {'/'.join(TABLE_SUFFIXES)} file or - for stdin."
             )
-        rows = Rows()
-        for where, record in read_records(path):
-            rows.texts.append(self.texts(record, where))
-            given_id = str(record.get(self.id_column) or "").strip() if self.id_column else ""
-            rows.ids.append(given_id or where)
-        if not rows.texts:
+        records, empty = iter(read_records(path)), True
+        while batch := [self._record_row(where, record) for where, record in islice(records, self.batch_size)]:
+            empty = False
+            yield batch
+        if empty:
             raise DataError(f"{path}: no rows to predict.")
-        return rows
 
-    def _lines(self, lines: Any, name: str) -> Rows:
+    def _record_row(self, where: str, record: dict[str, Any]) -> PredictRow:
+        given_id = str(record.get(self.id_column) or "").strip() if self.id_column else ""
+        return self._checked(given_id or where, lambda: self.texts(record, where))
+
+    def _lines(self, stream: Any, name: str) -> Iterator[list[PredictRow]]:
         """One example a line: the whole line for one text column, `first<TAB>second` for a pair."""
-        rows = Rows()
-        for line_no, line in enumerate(lines, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            where = f"{name}:{line_no}"
-            texts = (line,) if len(self.text_columns) == 1 else tuple(line.split("\t"))
-            if len(texts) != len(self.text_columns):
-                expected = "<TAB>".join(self.text_columns)
-                raise DataError(f"{where}: expected {expected} (one tab), got {len(texts)} tab-separated fields.")
-            rows.texts.append(self.texts(dict(zip(self.text_columns, texts)), where))
-            rows.ids.append(where)
-        if not rows.texts:
+        stopped = lambda: self.trainer is not None and self.trainer.received_sigterm  # noqa: E731
+        empty = True
+        for lines in read_line_batches(stream, self.batch_size, stopped):
+            empty = False
+            yield [self._line_row(f"{name}:{line_no}", line) for line_no, line in lines]
+        if empty:
             raise DataError(f"Nothing to predict: no lines on {name}.")
-        return rows
+
+    def _line_row(self, where: str, raw: bytes) -> PredictRow:
+        def texts() -> tuple[str, ...]:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start}).") from None
+            fields = (line,) if len(self.text_columns) == 1 else tuple(line.split("\t"))
+            if len(fields) != len(self.text_columns):
+                expected = "<TAB>".join(self.text_columns)
+                raise DataError(f"{where}: expected {expected} (one tab), got {len(fields)} tab-separated fields.")
+            return self.texts(dict(zip(self.text_columns, fields)), where)
+
+        return self._checked(where, texts)
+
+    def _checked(self, where: str, texts: Callable[[], tuple[str, ...]]) -> PredictRow:
+        try:
+            return where, texts(), None
+        except DataError as err:
+            return where, ("",) * len(self.text_columns), str(err)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -295,4 +352,6 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError("Nothing to predict: give --input FILE (TSV, CSV, JSONL) or - for lines on stdin.")
         if self.tokenizer is None:
             raise ConfigError(f"{type(self).__name__}.connect(backbone) must be called before predicting.")
-        return self._loader(tokenize(self.tokenizer, self.predict_rows(), self.max_length, "predict"), shuffle=False)
+        texts = PredictTexts(self.predict_rows, self.tokenizer, self.max_length, self._collate)
+        # One process reads the input in order; tokenizing a batch costs far less than the model's step.
+        return DataLoader(texts, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
