@@ -101,16 +101,19 @@ class CheckpointMetadata(Callback):
         }
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, option: str = "--ckpt") -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`, always explicit) and check it is one of ours."""
-    path = Path(path)
+    path = Path(path).expanduser()  # `--ckpt=~/x.ckpt`: the shell expands no tilde after `=`
     if path.is_dir():
+        found = sorted(path.glob("**/checkpoints/last.ckpt")) or sorted(path.glob("**/*.ckpt"))
+        hint = f" Did you mean {found[0]}?" if found else ""
         raise CheckpointError(
-            f"{path} is a directory (a sharded checkpoint?); transfer loads only single-file checkpoints, the kind "
-            "`transfer fit` writes, because only those can be checked to hold plain data."
+            f"{path} ({option}) is a directory; give a checkpoint file written by `transfer fit`, such as "
+            f"runs/<recipe>/version_N/checkpoints/last.ckpt.{hint} (Sharded checkpoint directories are not "
+            "loaded: only single files can be checked to hold plain data.)"
         )
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint not found: {path} (--ckpt).")
+        raise CheckpointError(f"Checkpoint not found: {path} ({option}).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing

@@ -39,6 +39,7 @@ from transfer_cli.runs import (
     default_precision,
     fill_logger_defaults,
     keep_metrics,
+    remove_empty_run,
     resolve_last,
 )
 from transfer_cli.safety import (
@@ -151,11 +152,12 @@ class TransferCLI(LightningCLI):
         # never save, and fail with a traceback on a truncated or foreign file. fit checks the checkpoint
         # itself (runs.check_resumable), with exit 4 and before a run directory exists; elsewhere a path
         # given in a YAML file (not seen by _with_checkpoint_config) is checked before Lightning parses it.
-        if self.config.get("subcommand") == "fit":
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
             return
-        ckpt_path = self._subconfig().get("ckpt_path")
-        if ckpt_path is not None and Path(str(ckpt_path)).is_file():
-            read_checkpoint(ckpt_path)
+        ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")
+        if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_file():
+            read_checkpoint(ckpt_path, option="--ckpt_path")
         super()._parse_ckpt_path()
 
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
@@ -171,7 +173,7 @@ class TransferCLI(LightningCLI):
         # Lightning's ckpt_path also takes words it resolves itself, and model-registry names.
         lightning_word = ckpt_path in (None, "last", "best", "hpc", "null", "None") or ckpt_path.startswith("registry")
         if subcommand is not None and not lightning_word:
-            read_checkpoint(ckpt_path)
+            read_checkpoint(ckpt_path, option="--ckpt_path")
         ckpt = _option_value(args, "--ckpt")
         if subcommand == "predict" and ckpt is None and not _asks_for_help(args):
             # Before parsing: the parser would name the model and data it misses, not the flag to give.
@@ -180,8 +182,13 @@ class TransferCLI(LightningCLI):
             return args
         self._checkpoint = read_checkpoint(ckpt)
         config = config_from_checkpoint(self._checkpoint, keep_data_root=subcommand != "predict")
+        # The data config goes first, so any config or flag given overrides it (another root, batch
+        # size). The model goes after the last config given: the weights come from the checkpoint, so a
+        # recipe stacked with --ckpt must not swap its architecture; explicit flags still apply.
         at = args.index(subcommand) + 1
-        return [*args[:at], "--config", yaml.safe_dump(config), *args[at:]]
+        late = _after_last_config(args, at)
+        model, data = yaml.safe_dump({"model": config["model"]}), yaml.safe_dump({"data": config["data"]})
+        return [*args[:at], "--config", data, *args[at:late], "--config", model, *args[late:]]
 
     # Hooks ------------------------------------------------------------------------------------
 
@@ -191,6 +198,12 @@ class TransferCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
+        if self.subcommand in CKPT_SUBCOMMANDS and config.get("ckpt") is not None and self._checkpoint is None:
+            # Its own config must be read before every other config, so it cannot come from one of them.
+            raise ConfigError(
+                f"ckpt: {config.ckpt} is set in a config file; give it on the command line instead: "
+                f"`transfer {self.subcommand} --ckpt {config.ckpt} ...`."
+            )
         if self.subcommand == "predict":
             if config.get("input") is None:
                 raise ConfigError("transfer predict needs --input: an image, a folder, a text file, or - for stdin.")
@@ -261,7 +274,12 @@ class TransferCLI(LightningCLI):
             keep_metrics(self._resumed_run)
             # Expected when a run continues in its own directory; a new run there was refused before.
             warnings.filterwarnings("ignore", message=r".*exists and is not empty.*")
-        self._run(self.trainer.fit, **kwargs)
+        try:
+            self._run(self.trainer.fit, **kwargs)
+        except BaseException:
+            if self._resumed_run is None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                remove_empty_run(self.trainer.log_dir)
+            raise
 
     def validate(self, **kwargs: Any) -> None:
         self.datamodule.setup("validate")
@@ -321,8 +339,9 @@ def _check_something_to_run(args: list[str]) -> None:
     has_config = _given(args, "--config") or _given(args, "-c")
     if subcommand == "predict" and not _given(args, "--ckpt"):
         raise ConfigError(
-            "transfer predict needs --ckpt: a checkpoint written by `transfer fit` "
-            "(transfer predict --ckpt model.ckpt --input PATH|-)."
+            "transfer predict needs --ckpt on the command line: a checkpoint written by `transfer fit` "
+            "(transfer predict --ckpt model.ckpt --input PATH|-). A ckpt in a config file is not read: the "
+            "checkpoint's own config must come before every other."
         )
     if subcommand in ("validate", "test") and not _given(args, "--ckpt") and not has_config:
         raise ConfigError(
@@ -367,6 +386,12 @@ def _check_data_ranges(data: Any) -> None:
     batch_size, fraction = init_args.get("batch_size"), init_args.get("val_fraction")
     if isinstance(batch_size, int) and batch_size < 1:
         raise ConfigError(f"data.init_args.batch_size must be 1 or more, got {batch_size}.")
+    max_length = init_args.get("max_length")
+    if isinstance(max_length, int) and max_length < 2:
+        raise ConfigError(
+            f"data.init_args.max_length must be 2 or more (tokens per example, special tokens included), "
+            f"got {max_length}."
+        )
     if isinstance(fraction, (int, float)) and not 0 <= fraction < 1:
         raise ConfigError(
             f"data.init_args.val_fraction must be at least 0 and below 1, got {fraction}: it is the fraction "
@@ -375,12 +400,25 @@ def _check_data_ranges(data: Any) -> None:
 
 
 def _option_value(args: list[str], name: str) -> str | None:
+    """The value of an option as the parser will see it: a repeated option's last value wins."""
+    value = None
     for i, arg in enumerate(args):
         if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg[len(name) + 1 :]
-    return None
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1 :]
+    return value
+
+
+def _after_last_config(args: list[str], start: int) -> int:
+    """The position just after the last `--config FILE` at or after `start` (or `start` itself)."""
+    at = start
+    for i in range(start, len(args)):
+        if args[i] in ("--config", "-c") and i + 1 < len(args):
+            at = i + 2
+        elif args[i].startswith("--config="):
+            at = i + 1
+    return at
 
 
 def _asks_for_help(args: list[str]) -> bool:

@@ -3,6 +3,15 @@
 
 from torch import nn
 
+from transfer_cli.errors import ConfigError
+
+
+def _check_dropout(dropout: float) -> float:
+    # nn.Dropout refuses these too, but from inside the model's construction, as an internal error.
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.head.dropout must be at least 0 and below 1 (a probability), got {dropout}.")
+    return dropout
+
 
 class LinearHead(nn.Sequential):
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0):
@@ -13,7 +22,7 @@ class LinearHead(nn.Sequential):
             num_classes: Number of classes, set from the data.
             dropout: Dropout probability on the features before the linear layer.
         """
-        super().__init__(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+        super().__init__(nn.Dropout(_check_dropout(dropout)), nn.Linear(in_features, num_classes))
 
 
 class MLPHead(nn.Sequential):
@@ -27,7 +36,7 @@ class MLPHead(nn.Sequential):
             dropout: Dropout probability before each linear layer.
         """
         super().__init__(
-            nn.Dropout(dropout),
+            nn.Dropout(_check_dropout(dropout)),
             nn.Linear(in_features, hidden_features),
             nn.GELU(),
             nn.Dropout(dropout),

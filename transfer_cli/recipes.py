@@ -76,12 +76,18 @@ def check_config_files(args: list[str]) -> None:
                 f"Config not found: {value} (--config). Give a YAML file or a recipe name: {', '.join(recipe_names())}."
             )
         try:
-            yaml.safe_load(path.read_text())
+            content = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(err, "problem", None) or str(err)
             raise ConfigError(f"Malformed YAML in {where}: {problem}. Fix the file's syntax.") from None
+        if not isinstance(content, dict):
+            found = "nothing (the file is empty)" if content is None else f"a {type(content).__name__}"
+            raise ConfigError(
+                f"Config {path} (--config) holds {found}; a config is a mapping of settings such as "
+                "`trainer:` / `model:` / `data:` (see `transfer fit --config NAME --print_config`)."
+            )
 
 
 def summarize_parser_error(message: str) -> str:

@@ -171,10 +171,10 @@ def check_resumable(ckpt_path: str, model: Any, datamodule: Any) -> None:
 
     Checked before Lightning opens the run directory, so a wrong file leaves nothing behind.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file() and not path.is_dir():
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file.")
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, option="--ckpt_path")
     meta = checkpoint["transfer"]
     if meta.get("class_names"):  # an autoencoder has none
         check_same_classes(meta["class_names"], datamodule, ckpt_path)
@@ -198,3 +198,16 @@ def keep_metrics(run_dir: Path) -> None:
         while (run_dir / f"metrics-segment{segment}.csv").exists():
             segment += 1
         metrics.rename(run_dir / f"metrics-segment{segment}.csv")
+
+
+def remove_empty_run(run_dir: Any) -> None:
+    """Remove a run directory that a failed fit made before it trained a step: it holds only the config
+    (no checkpoint, no metrics of a step), and would otherwise look like a run worth resuming."""
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(run_dir.rglob("*.ckpt")):
+        return
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)

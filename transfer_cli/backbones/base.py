@@ -5,6 +5,8 @@ from typing import Any
 
 from torch import nn
 
+from transfer_cli.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
@@ -28,6 +30,12 @@ class ImagePreprocessing:
             std=tuple(data["std"]),
             interpolation=str(data["interpolation"]),
         )
+
+
+def check_image_size(image_size: int | None) -> None:
+    """A size that resizing can produce; torch would otherwise fail mid-run with a bare RuntimeError."""
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"model.backbone.image_size must be a positive number of pixels, got {image_size}.")
 
 
 class Backbone(nn.Module):

@@ -48,7 +48,7 @@ class CheckpointBackbone(Backbone):
         # The stored backbone's config, kept to rebuild it without the file (see offline_init_args).
         self._source_config: dict[str, Any] | None = None
         if checkpoint is not None:
-            self._source_config, state = _read_source(Path(checkpoint))
+            self._source_config, state = _read_source(Path(checkpoint).expanduser())
             source = _build(self._source_config, checkpoint)
             _load(source, state, checkpoint)
         self.encoder = source
@@ -78,7 +78,7 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f"Backbone checkpoint not found: {path} ({OPTION}). Give a .ckpt file written by `transfer fit`."
         )
     try:
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, option=OPTION)
     except CheckpointError as err:
         raise CheckpointError(f"{OPTION}: {err}") from err
     meta = checkpoint["transfer"]

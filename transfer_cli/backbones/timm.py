@@ -22,7 +22,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from transfer_cli.backbones.base import Backbone, ImagePreprocessing
+from transfer_cli.backbones.base import Backbone, ImagePreprocessing, check_image_size
 from transfer_cli.backbones.huggingface import _hub_reachable, _offline
 from transfer_cli.errors import ConfigError, WeightsUnavailableError
 
@@ -55,6 +55,7 @@ class TimmBackbone(Backbone):
             weights = None
         self.name = name
         self.weights = weights
+        check_image_size(image_size)
         config = _pretrained_config(name)
         state = None
         if weights == "DEFAULT":

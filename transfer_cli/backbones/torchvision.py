@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from transfer_cli.backbones.base import Backbone, ImagePreprocessing
+from transfer_cli.backbones.base import Backbone, ImagePreprocessing, check_image_size
 from transfer_cli.errors import ConfigError, WeightsUnavailableError
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -34,6 +34,7 @@ class TorchvisionBackbone(Backbone):
             weights = None
         self.name = name
         self.weights = weights
+        check_image_size(image_size)
         try:
             model = torchvision.models.get_model(name, weights=None)
         except ValueError as err:
@@ -50,7 +51,7 @@ class TorchvisionBackbone(Backbone):
         if weights_enum is not None:
             _load_state(model, _download_state(weights_enum), classifier_name)
         elif weights is not None:
-            _load_state(model, _read_state_file(Path(weights)), classifier_name)
+            _load_state(model, _read_state_file(Path(weights).expanduser()), classifier_name)
         # Convolutions run fastest on NHWC tensors on GPUs; the inputs arrive channels_last too.
         self.model = model.to(memory_format=torch.channels_last)
         self.num_features = in_features

@@ -77,7 +77,15 @@ def find_images(folder: Path) -> list[Path]:
     macOS's ._IMG.jpg companions carry an image suffix without being images.
     """
     found = []
-    for parent, dirs, files in os.walk(folder):
+    # Linked folders are followed (a data set assembled from links is common); each real folder is
+    # walked once, so a link back up the tree cannot loop.
+    seen = set()
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         named = (Path(parent) / n for n in files if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
         found += [p for p in named if p.is_file()]  # as before: no broken links, sockets or pipes
