@@ -136,3 +136,36 @@ def test_home_is_not_needed_for_absolute_paths(tmp_path, trained, imagefolder_ro
                           cwd=tmp_path, env=env)  # fmt: skip
     _clean(result, 0)
     assert Path(_rows(result.stdout)[0]["input"]).name == "0000.jpg"
+
+
+def test_file_names_that_are_not_utf8_round_trip_through_jsonl_and_csv(
+    tmp_path, trained, imagefolder_root, offline_env
+):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    jpg = (imagefolder_root / "test" / "cat" / "0000.jpg").read_bytes()
+    names = [b"caf\xc3\xa9.jpg", b"latin1-\xe9t\xe9.jpg"]  # UTF-8, and Latin-1 bytes that are not UTF-8
+    for name in names:
+        Path(os.fsdecode(os.path.join(os.fsencode(photos), name))).write_bytes(jpg)
+    jsonl = run_transfer("predict", "--ckpt", trained, "--input", photos, cwd=tmp_path, env=offline_env)
+    _clean(jsonl, 0)
+    found = {os.path.basename(os.fsencode(row["input"])) for row in _rows(jsonl.stdout)}
+    assert found == set(names)
+    # A CSV in a folder that does not exist yet: the folder is made, the names are kept as bytes.
+    csv_run = run_transfer(
+        "predict", "--ckpt", trained, "--input", photos, "--output", "out/rows.csv", cwd=tmp_path, env=offline_env
+    )
+    _clean(csv_run, 0)
+    written = (tmp_path / "out" / "rows.csv").read_bytes()
+    assert all(name in written for name in names)
+
+
+def test_a_fit_refused_before_its_first_step_leaves_no_run_directory(tmp_path, cifar_root, offline_env):
+    # torch refuses the learning rate only when the optimizer is built, inside trainer.fit, after
+    # Lightning has made the run directory: that directory must not stay behind looking like a run.
+    result = run_transfer(
+        "fit", "--config", "resnet50-cifar10", "--config", "debug", f"--data.root={cifar_root}", *TINY_IMAGE_BACKBONE,
+        "--model.init_args.optimizer.init_args.lr=-1", cwd=tmp_path, env=offline_env,
+    )  # fmt: skip
+    _clean(result, 2, "learning rate")
+    assert not list((tmp_path / "runs").glob("*/version_*"))

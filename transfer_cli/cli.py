@@ -175,9 +175,6 @@ class TransferCLI(LightningCLI):
         if subcommand is not None and not lightning_word:
             read_checkpoint(ckpt_path, option="--ckpt_path")
         ckpt = _option_value(args, "--ckpt")
-        if subcommand == "predict" and ckpt is None and not _asks_for_help(args):
-            # Before parsing: the parser would name the model and data it misses, not the flag to give.
-            raise ConfigError("transfer predict needs --ckpt: a checkpoint written by `transfer fit`.")
         if subcommand not in CKPT_SUBCOMMANDS or ckpt is None:
             return args
         self._checkpoint = read_checkpoint(ckpt)
@@ -207,6 +204,9 @@ class TransferCLI(LightningCLI):
         if self.subcommand == "predict":
             if config.get("input") is None:
                 raise ConfigError("transfer predict needs --input: an image, a folder, a text file, or - for stdin.")
+            # `--input=~/photos`: the shell expands no tilde after `=`.
+            config.input = _expand_user(config.input)
+            config.output = _expand_user(config.output)
             check_predict_output(config.input, config.output)
             config.data.init_args.predict_input = config.input
             # Rows stream in input order from one process; several would each write their own share.
@@ -421,10 +421,6 @@ def _after_last_config(args: list[str], start: int) -> int:
     return at
 
 
-def _asks_for_help(args: list[str]) -> bool:
-    return any(a in ("-h", "--help") or a.startswith("--print_config") for a in args)
-
-
 def check_predict_output(input_spec: str, output: str | None) -> None:
     """Refuse an --output that is the --input file itself (under any spelling or link): the rename at
     the end would replace the user's data with predictions. Checked before anything is read."""
@@ -442,6 +438,10 @@ def check_predict_output(input_spec: str, output: str | None) -> None:
             f"--output {output} is the --input file: predictions would replace your input. "
             "Choose another --output file name."
         )
+
+
+def _expand_user(path: str | None) -> str | None:
+    return path if path in (None, "-") else os.path.expanduser(path)
 
 
 def _has_progress_bar(callbacks: Any) -> bool:

@@ -43,7 +43,9 @@ class PredictionWriter(BasePredictionWriter):
         else:
             self._tmp = self.output.with_name(f".{self.output.name}.{os.getpid()}.tmp")
             try:
-                self._stream = open(self._tmp, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed in on_predict_end)
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+                # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes.
+                self._stream = open(self._tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 (closed in on_predict_end)
             except OSError as err:
                 raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
         if self.format == "csv":
@@ -84,7 +86,7 @@ class PredictionWriter(BasePredictionWriter):
     def _write(self, rows: list[dict[str, Any]]) -> None:
         try:
             if self.format == "jsonl":
-                self._stream.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                self._stream.write("".join(_json_line(r) for r in rows))
             else:
                 if not self._header_written:
                     self._csv.writerow(self._columns)
@@ -159,6 +161,17 @@ def output_format(output: Path | None) -> str:
     if output.suffix.lower() == ".csv":
         return "csv"
     raise ConfigError(f"--output {output}: use a .jsonl or .csv file name, or - for JSON lines on stdout.")
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        # A file name that is not valid UTF-8 (its bytes decoded with surrogateescape): \udcXX escapes
+        # keep the line valid JSON in ASCII, and os.fsencode() of the parsed string gives the bytes back.
+        line = json.dumps(row, ensure_ascii=True)
+    return line + "\n"
 
 
 def _csv_cell(value: Any) -> Any:
