@@ -3,6 +3,7 @@
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from transfer_cli.errors import ConfigError
@@ -53,3 +54,25 @@ class Backbone(nn.Module):
 
     def offline_init_args(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+class ImageModelBackbone(Backbone):
+    """An image classifier with its classifier removed, held as `self.model`: what the torchvision and
+    timm families share. Subclasses build `model` and the preprocessing its weights expect."""
+
+    def __init__(self, model: nn.Module, num_features: int, preprocessing: ImagePreprocessing):
+        super().__init__()
+        # Convolutions run fastest on NHWC tensors on GPUs; the inputs arrive channels_last too.
+        self.model = model.to(memory_format=torch.channels_last)
+        self.num_features = num_features
+        self._preprocessing = preprocessing
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+    def preprocessing(self) -> ImagePreprocessing:
+        return self._preprocessing
+
+    def offline_init_args(self) -> dict[str, Any]:
+        # The checkpoint carries the weights; rebuilding must never reach for the network.
+        return {"weights": None}

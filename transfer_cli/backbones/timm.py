@@ -22,7 +22,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from transfer_cli.backbones.base import Backbone, ImagePreprocessing, check_image_size
+from transfer_cli.backbones.base import ImageModelBackbone, ImagePreprocessing, check_image_size
 from transfer_cli.backbones.huggingface import _hub_reachable, _offline
 from transfer_cli.errors import ConfigError, WeightsUnavailableError
 
@@ -30,7 +30,7 @@ DOWNLOAD_TIMEOUT_S = 30
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-class TimmBackbone(Backbone):
+class TimmBackbone(ImageModelBackbone):
     def __init__(
         self,
         name: str = "convnext_tiny.fb_in22k_ft_in1k",
@@ -49,12 +49,9 @@ class TimmBackbone(Backbone):
             image_size: Input size in pixels; null uses the size the weights were trained at. The
                 resize keeps the weights' crop ratio (crop_pct).
         """
-        super().__init__()
         if weights is not None and weights.lower() in ("none", "null"):
             # jsonargparse hands a nested `--...weights null` override over as the string 'None'.
             weights = None
-        self.name = name
-        self.weights = weights
         check_image_size(image_size)
         config = _pretrained_config(name)
         state = None
@@ -69,21 +66,11 @@ class TimmBackbone(Backbone):
                 )
             state = _read_state_file(Path(weights).expanduser(), name)
         model = _create(name, config, state, image_size)
-        # Convolutions run fastest on NHWC tensors on GPUs; the inputs arrive channels_last too.
-        self.model = model.to(memory_format=torch.channels_last)
         # The width the classifier took: after a pre-logits layer where the model has one (MobileNetV3).
-        self.num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
-        self._preprocessing = _preprocessing(model, name, image_size)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
-
-    def preprocessing(self) -> ImagePreprocessing:
-        return self._preprocessing
-
-    def offline_init_args(self) -> dict[str, Any]:
-        # The checkpoint carries the weights; rebuilding must never reach for the network.
-        return {"weights": None}
+        num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        super().__init__(model, num_features, _preprocessing(model, name, image_size))
+        self.name = name
+        self.weights = weights
 
 
 def _pretrained_config(name: str):

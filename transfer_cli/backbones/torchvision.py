@@ -5,20 +5,19 @@ import socket
 import sys
 import urllib.error
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
 
-from transfer_cli.backbones.base import Backbone, ImagePreprocessing, check_image_size
+from transfer_cli.backbones.base import ImageModelBackbone, ImagePreprocessing, check_image_size
 from transfer_cli.errors import ConfigError, WeightsUnavailableError
 
 DOWNLOAD_TIMEOUT_S = 30
 
 
-class TorchvisionBackbone(Backbone):
+class TorchvisionBackbone(ImageModelBackbone):
     def __init__(self, name: str = "resnet50", weights: str | None = "DEFAULT", image_size: int | None = None):
         """A torchvision classification model with its classifier removed.
 
@@ -28,12 +27,9 @@ class TorchvisionBackbone(Backbone):
                 state-dict file, or null for random initialisation.
             image_size: Input size in pixels; null uses the size the weights were trained at.
         """
-        super().__init__()
         if weights is not None and weights.lower() in ("none", "null"):
             # jsonargparse hands a nested `--...weights null` override over as the string 'None'.
             weights = None
-        self.name = name
-        self.weights = weights
         check_image_size(image_size)
         try:
             model = torchvision.models.get_model(name, weights=None)
@@ -52,20 +48,9 @@ class TorchvisionBackbone(Backbone):
             _load_state(model, _download_state(weights_enum), classifier_name)
         elif weights is not None:
             _load_state(model, _read_state_file(Path(weights).expanduser()), classifier_name)
-        # Convolutions run fastest on NHWC tensors on GPUs; the inputs arrive channels_last too.
-        self.model = model.to(memory_format=torch.channels_last)
-        self.num_features = in_features
-        self._preprocessing = _preprocessing(name, weights_enum, image_size)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
-
-    def preprocessing(self) -> ImagePreprocessing:
-        return self._preprocessing
-
-    def offline_init_args(self) -> dict[str, Any]:
-        # The checkpoint carries the weights; rebuilding must never reach for the network.
-        return {"weights": None}
+        super().__init__(model, in_features, _preprocessing(name, weights_enum, image_size))
+        self.name = name
+        self.weights = weights
 
 
 def _weights_enum(name: str, weights: str | None):
