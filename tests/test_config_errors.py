@@ -80,7 +80,11 @@ def test_an_optimizer_key_list_leaves_out_what_the_call_supplies(tmp_path, cifar
 # 2. A class path that does not exist: named, with the closest existing classes -----------------
 
 WRONG_CLASSES = [
-    ("--model.init_args.backbone", "transfer_cli.backbones.TorchvisonBackbone", "backbones.TorchvisionBackbone"),
+    (
+        "--model.init_args.backbone",
+        "transfer_cli.backbones.TorchvisonBackbone",
+        "transfer_cli.backbones.TorchvisionBackbone",
+    ),
     ("--data", "transfer_cli.data.ImageFoldrDataModule", "transfer_cli.data.ImageFolderDataModule"),
     ("--model.init_args.optimizer", "torch.optim.Adamm", "torch.optim.Adam"),
     ("--model.init_args.head", "transfer_cli.heads.MLPHaed", "transfer_cli.heads.MLPHead"),

@@ -119,7 +119,8 @@ def test_image_predict_prints_lines_and_streams_every_row_from_a_slow_producer(t
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
     assert [row["input"] for row in _json_rows(stdout)] == paths
-    assert _lines(stderr, r"predict batch \d/3") == ["predict batch 1/3", "predict batch 2/3", "predict batch 3/3"]
+    # A stream's length is unknown until it ends: no made-up total.
+    assert _lines(stderr, r"predict batch \d") == ["predict batch 1", "predict batch 2", "predict batch 3"]
     assert not any(noise in stderr for noise in NOISE)
 
 
@@ -141,8 +142,9 @@ def test_text_predict_prints_lines_and_only_rows_on_stdout(tmp_path, env, mnli_r
         ids = [row["pairID"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
     assert [row["input"] for row in _json_rows(result.stdout)] == ids
     batches = -(-len(ids) // 8)
-    expected = [f"predict batch {i}/{batches}" for i in range(1, batches + 1)]
-    assert _lines(result.stderr, r"predict batch \d+/\d+") == expected
+    # Read and tokenized a batch at a time, so the number of batches is known only at the end.
+    expected = [f"predict batch {i}" for i in range(1, batches + 1)]
+    assert _lines(result.stderr, r"predict batch \d+") == expected
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "nan"])
