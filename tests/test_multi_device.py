@@ -30,3 +30,6 @@ def test_gradual_unfreezing_is_refused_on_several_devices(tmp_path, cifar_root, 
     result = _fit(tmp_path, cifar_root, offline_env, "--finetuning.strategy=gradual")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "gradual cannot run on several devices" in result.stderr
+    # Refused before the other processes start: an error after that could abort them all (SIGABRT).
+    assert "Initializing distributed" not in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -265,6 +265,10 @@ class TransferCLI(LightningCLI):
     # Subcommands: Lightning's, with its ways of stopping turned into our exit codes ------------
 
     def fit(self, **kwargs: Any) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, BackboneFinetuning):
+                # Before Lightning starts the other processes: an error after that ends them all at once.
+                callback.check_devices(self.trainer.num_devices * self.trainer.num_nodes)
         # Data errors surface here, before the logger creates a run directory or workers start.
         self.datamodule.setup("fit")
         if kwargs.get("ckpt_path"):

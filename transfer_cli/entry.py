@@ -4,6 +4,7 @@
 verbs go to the LightningCLI in transfer_cli.cli, the others to their own functions (VERBS).
 """
 
+import contextlib
 import difflib
 import os
 import sys
@@ -80,6 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args[0].startswith("-") and args[0] not in VERBS:
         print(f"transfer: error: {_unknown_subcommand(args[0])}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        return _run_verb(args, debug)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """End this process's part in a distributed run before the interpreter does.
+
+    Left to interpreter exit, gloo's threads can be torn down in the wrong order and abort the process
+    (SIGABRT, "terminate called without an active exception"), hiding the exit code we meant to give.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    # The other processes may be gone already; the exit code matters more than a clean goodbye.
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def _run_verb(args: list[str], debug: bool) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

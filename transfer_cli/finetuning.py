@@ -48,13 +48,16 @@ class BackboneFinetuning(BaseFinetuning):
         if self.strategy != "full":
             self._freeze(pl_module)
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.strategy == "gradual" and trainer.world_size > 1:
+    def check_devices(self, processes: int) -> None:
+        if self.strategy == "gradual" and processes > 1:
             # DDP fixes the set of synchronised parameters when it wraps the model: a backbone unfrozen
             # later would train apart on every process (Lightning-AI/pytorch-lightning#20340).
             raise ConfigError(
                 "finetuning.strategy gradual cannot run on several devices: use full or frozen, or one device."
             )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_devices(trainer.world_size)  # launched by other means than `transfer fit`
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or self.strategy != "frozen" or not self.cache_features:
             return
