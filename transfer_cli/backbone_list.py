@@ -5,16 +5,17 @@ classification models, timm's models with pretrained weights (tag included), and
 models already in the local cache (the hub itself is not listed: any hub name works online).
 """
 
-import argparse
 import fnmatch
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Literal, get_args
 
-from transfer_cli.errors import EXIT_USAGE, ConfigError
+from transfer_cli.errors import ConfigError
 
-FAMILIES = ("torchvision", "timm", "huggingface")
+Family = Literal["torchvision", "timm", "huggingface"]
+FAMILIES = get_args(Family)
 
 
 def list_backbones(family: str | None = None, pattern: str | None = None) -> list[str]:
@@ -85,37 +86,28 @@ def _names_model_type(config: Path) -> bool:
 _LISTERS = {"torchvision": _torchvision, "timm": _timm, "huggingface": _huggingface}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="transfer backbones",
-        description="List backbone names for --model.init_args.backbone.init_args.name (or .model for "
-        "huggingface), one per line. Without --family: every family, as FAMILY<TAB>NAME.",
-        exit_on_error=False,
-    )
-    parser.add_argument("--family", choices=FAMILIES, help="only this family's names, bare")
-    parser.add_argument("pattern", nargs="?", help="wildcard (convnext*, *in22k*) or a word anywhere in the name")
-    return parser
+def backbones(pattern: str | None = None, /, *, family: Family | None = None) -> None:
+    """List the backbone names that can be used, one per line on stdout.
+
+    Names for --model.init_args.backbone.init_args.name (or .model for huggingface). Without --family:
+    every family's, as FAMILY<TAB>NAME.
+
+    Args:
+        pattern: A wildcard (convnext*, *in22k*) or a word anywhere in the name; case is ignored.
+        family: Only this family's names, bare.
+    """
+    rows = list_backbones(family, pattern)
+    if not rows:
+        which = f"{family} " if family else ""
+        matching = f" match {pattern!r}" if pattern else " are available here"
+        print(f"transfer: no {which}backbone names{matching}.", file=sys.stderr)
+        return
+    sys.stdout.write("\n".join(rows) + "\n")
+    sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, where the entry point stops quietly
 
 
 def main(args: list[str]) -> int:
-    """Print the names; returns the exit code (0, or 2 for a usage error)."""
-    try:
-        options = _parser().parse_args(args)
-        rows = list_backbones(options.family, options.pattern)
-    except SystemExit as exit_:  # --help, and argparse errors it reports itself
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    except (argparse.ArgumentError, ConfigError) as err:
-        print(f"transfer: error: {err}\nSee `transfer backbones --help`.", file=sys.stderr)
-        return EXIT_USAGE
-    if not rows:
-        family = f"{options.family} " if options.family else ""
-        matching = f" match {options.pattern!r}" if options.pattern else " are available here"
-        print(f"transfer: no {family}backbone names{matching}.", file=sys.stderr)
-        return 0
-    try:
-        sys.stdout.write("\n".join(rows) + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    """`transfer backbones ARGS` from Python, with the console script's exit codes and messages."""
+    from transfer_cli.entry import main as transfer
+
+    return transfer(["backbones", *args])

@@ -2,20 +2,36 @@
 
 `transfer --help` and `--version` are answered without importing torch or lightning; Lightning's
 verbs go to the LightningCLI in transfer_cli.cli, the others to their own functions (VERBS).
+
+Adding a verb is one function and one table entry. Write a plain function whose signature is its
+command line, with a docstring (its first paragraph is the `--help` description, its `Args:` section
+the help of each option), and add `"name": ("one-line summary", "module:function")` to VERBS:
+
+    def backbones(pattern: str | None = None, /, *, family: Literal["timm", ...] | None = None) -> int:
+
+Parameters before `/` are positional arguments (optional when they have a default), the others are
+`--options`; jsonargparse parses and checks them from the annotations, as the LightningCLI does for
+fit's. The function prints data to stdout and everything else to stderr, raises a TransferError
+subclass for a failure (its exit code and one-paragraph message are handled here, as for every verb),
+and returns an exit code or None for 0. A verb that parses fit's flags itself (through the
+LightningCLI) takes one parameter, `args: list[str]`, and gets the remaining arguments as given.
 """
 
 import contextlib
 import difflib
+import inspect
 import os
+import re
 import sys
 import traceback
+from typing import Any
 
 from transfer_cli import __version__
-from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, as_transfer_error
+from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, as_transfer_error
 
 # One table of verbs: the usage text, the unknown-verb hint and the dispatch all come from it. A verb
 # without a target is Lightning's and goes to the LightningCLI; the others are plain functions
-# (`module:function`, called with the remaining arguments, returning an exit code), imported only when used.
+# (`module:function`, see the module docstring), imported only when used.
 VERBS: dict[str, tuple[str, str | None]] = {
     "fit": ("Train a head (and optionally the backbone) on a recipe: --config NAME|FILE", None),
     "validate": ("Evaluate on the validation split: --ckpt model.ckpt", None),
@@ -23,7 +39,7 @@ VERBS: dict[str, tuple[str, str | None]] = {
     "predict": ("Predict from a checkpoint alone: --ckpt model.ckpt --input PATH|-", None),
     "backbones": (
         "List usable backbone names: [--family torchvision|timm|huggingface] [PATTERN]",
-        "transfer_cli.backbone_list:main",
+        "transfer_cli.backbone_list:backbones",
     ),
 }
 SUBCOMMANDS = tuple(verb for verb, (_, target) in VERBS.items() if target is None)
@@ -62,7 +78,65 @@ def _dispatch(args: list[str]) -> int:
     import importlib
 
     module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(args[1:])
+    return call_verb(args[0], getattr(importlib.import_module(module), function), args[1:])
+
+
+def call_verb(verb: str, function: Any, args: list[str]) -> int:
+    """Parse `args` against the function's signature and call it; returns its exit code."""
+    if list(inspect.signature(function).parameters) == ["args"]:
+        result = function(args)  # a verb that parses fit's flags through the LightningCLI itself
+    else:
+        positional, options = _parse_signature(verb, function, args)
+        result = function(*positional, **options)
+    return 0 if result is None else int(result)
+
+
+def _parse_signature(verb: str, function: Any, args: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    from argparse import ArgumentError
+
+    from transfer_cli.recipes import explain_parser_error
+
+    parser, positional = _function_parser(verb, function)
+    try:
+        parsed = parser.parse_args(args)
+        # jsonargparse 4.49 renamed instantiate_classes to instantiate; the oldest supported has only the former.
+        parsed = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(parsed).as_dict()
+    except ArgumentError as err:
+        options = [o for action in getattr(parser, "_actions", []) for o in action.option_strings]
+        message = explain_parser_error(err, options)
+        # The parser names an option by its key; the user typed it as --key.
+        key = re.match(r"Invalid value for (\w+):", message)
+        if key and f"--{key.group(1)}" in options:
+            message = f"Invalid value for --{key.group(1)}:{message[key.end() :]}"
+        raise ConfigError(f"{message}\nSee `transfer {verb} --help`.") from None
+    return [parsed.pop(name) for name in positional], parsed
+
+
+def _function_parser(verb: str, function: Any) -> tuple[Any, list[str]]:
+    """The function's own command line: positional-only parameters as positional arguments."""
+    from jsonargparse import ArgumentParser
+
+    description, helps = _read_docstring(function)
+    parser = ArgumentParser(prog=f"transfer {verb}", description=description, exit_on_error=False)
+    positional = []
+    for parameter in inspect.signature(function).parameters.values():
+        if parameter.kind is not inspect.Parameter.POSITIONAL_ONLY:
+            continue
+        optional = parameter.default is not inspect.Parameter.empty
+        extra = {"nargs": "?", "default": parameter.default} if optional else {}
+        parser.add_argument(parameter.name, type=parameter.annotation, help=helps.get(parameter.name), **extra)
+        positional.append(parameter.name)
+    parser.add_function_arguments(function, skip=set(positional), fail_untyped=True)
+    return parser, positional
+
+
+def _read_docstring(function: Any) -> tuple[str | None, dict[str, str]]:
+    """The description (the text before `Args:`) and each parameter's help."""
+    import docstring_parser  # what jsonargparse reads the options' help with
+
+    doc = docstring_parser.parse(inspect.getdoc(function) or "")
+    description = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+    return description or None, {p.arg_name: p.description for p in doc.params}
 
 
 def main(argv: list[str] | None = None) -> int:
