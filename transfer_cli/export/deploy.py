@@ -51,8 +51,11 @@ class TextDeploy(nn.Module):
         self.model = source.model
         self.names = input_names(source)
 
-    def forward(self, *arrays: torch.Tensor) -> torch.Tensor:
-        return self.model(dict(zip(self.names, arrays))).float().softmax(dim=-1)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.model({name: inputs[name] for name in self.names}).float().softmax(dim=-1)
 
 
 def deploy_module(source: Source) -> nn.Module:
@@ -67,14 +70,14 @@ def example_inputs(source: Source, batch: int = 2, length: int = 8) -> tuple[tor
     return tuple(torch.ones(batch, length, dtype=torch.int64) for _ in input_names(source))
 
 
-def dynamic_shapes(source: Source) -> tuple[dict[int, Any], ...]:
+def dynamic_shapes(source: Source) -> Any:
     batch = torch.export.Dim("batch", min=1, max=65536)
     if source.kind == "image":
         return ({0: batch},)
     # Capped at the position table: longer inputs cannot run in the checkpoint's model either.
     longest = int(getattr(source.model.backbone.model.config, "max_position_embeddings", 512) or 512)
     length = torch.export.Dim("length", min=1, max=longest)
-    return tuple({0: batch, 1: length} for _ in input_names(source))
+    return {name: {0: batch, 1: length} for name in input_names(source)}
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ class Staging:
     def commit(self, names: list[str]) -> None:
         """Move the written names into place, `final` last: its presence means the export is whole."""
         for name in sorted(names, key=lambda n: n == self.final.name):
+            _usual_permissions(self.dir / name)
             target = self.final.parent / name
             if target.is_dir() and not target.is_symlink():
                 # A directory cannot be replaced by a rename; the old one goes only once the new one is here.
@@ -38,3 +39,11 @@ class Staging:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def _usual_permissions(path: Path) -> None:
+    """The modes a plain `open()` would give under the user's umask (some writers make files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
