@@ -268,30 +268,14 @@ def disable_remote_code(node: Any) -> None:
 
 
 def config_from_checkpoint(checkpoint: dict[str, Any], keep_data_root: bool) -> dict[str, Any]:
-    """The model and data config to rebuild a checkpoint's model offline, ready for the parser."""
-    meta = checkpoint["transfer"]
-    model = _deep_copy(meta["model"])
-    backbone = model.setdefault("init_args", {}).setdefault("backbone", {})
-    backbone_args = backbone.setdefault("init_args", {})
-    backbone_args.update(_deep_copy(meta.get("backbone_offline_init_args") or {}))
-    data = _deep_copy(meta["data"])
-    data_args = data.setdefault("init_args", {})
-    data_args["class_names"] = list(meta["class_names"])
-    if not keep_data_root:
-        # Prediction reads --input; the training data need not exist on this machine.
-        for key in ("root", "download"):
-            data_args.pop(key, None)
-    config = {"model": model, "data": data}
-    disable_remote_code(config)  # also for a checkpoint dict that did not come through read_checkpoint
-    return config
+    """The model and data config to rebuild a checkpoint's model offline, ready for the parser.
 
+    Without `keep_data_root`, the values the datamodule declares machine-specific (its
+    `machine_specific` attribute: a data root, a download flag) are left out.
+    """
+    from transfer_cli.restore import Restored  # restore builds on this module
 
-def _deep_copy(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _deep_copy(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_deep_copy(v) for v in node]
-    return node
+    return Restored.from_checkpoint(checkpoint, "<checkpoint>").cli_config(keep_machine_specific=keep_data_root)
 
 
 def load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:

@@ -16,20 +16,14 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.checkpoint import (
-    CheckpointMetadata,
-    config_from_checkpoint,
-    install_safe_loaders,
-    load_weights,
-    read_checkpoint,
-)
+from transfer_cli.checkpoint import CheckpointMetadata, install_safe_loaders, read_checkpoint
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
+from transfer_cli.restore import Restored, restore
 from transfer_cli.runs import (
     check_new_or_resumed,
     check_resumable,
@@ -56,7 +50,9 @@ CKPT_SUBCOMMANDS = ("validate", "test", "predict")
 
 class TransferCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
-        self._checkpoint: dict[str, Any] | None = None
+        self._restored: Restored | None = None  # the --ckpt checkpoint, read once
+        # --ckpt_path files already checked -> whether they carry Lightning hyper_parameters to merge.
+        self._checked_ckpt_paths: dict[Path, bool] = {}
         self._resumed_run: Path | None = None
         super().__init__(
             model_class=LightningModule,
@@ -156,9 +152,21 @@ class TransferCLI(LightningCLI):
         if subcommand == "fit":
             return
         ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")
-        if ckpt_path is not None and Path(str(ckpt_path)).expanduser().is_file():
-            read_checkpoint(ckpt_path, option="--ckpt_path")
-        super()._parse_ckpt_path()
+        if ckpt_path is None or not Path(str(ckpt_path)).expanduser().is_file():
+            super()._parse_ckpt_path()
+        elif self._check_ckpt_path(ckpt_path):
+            # Only a checkpoint with hyper_parameters (not one of ours) gives Lightning anything to read
+            # again; the trainer reads the file once more when it restores the weights.
+            super()._parse_ckpt_path()
+
+    def _check_ckpt_path(self, ckpt_path: str) -> bool:
+        """Refuse an unsafe --ckpt_path file before anything is built, reading each file once;
+        returns whether it carries Lightning hyper_parameters."""
+        key = Path(str(ckpt_path)).expanduser().resolve()
+        if key not in self._checked_ckpt_paths:
+            checkpoint = read_checkpoint(ckpt_path, option="--ckpt_path")
+            self._checked_ckpt_paths[key] = bool(checkpoint.get("hyper_parameters"))
+        return self._checked_ckpt_paths[key]
 
     def _with_checkpoint_config(self, args: list[str]) -> list[str]:
         """With --ckpt, the checkpoint's own config goes first, so any flag given still overrides it.
@@ -173,12 +181,13 @@ class TransferCLI(LightningCLI):
         # Lightning's ckpt_path also takes words it resolves itself, and model-registry names.
         lightning_word = ckpt_path in (None, "last", "best", "hpc", "null", "None") or ckpt_path.startswith("registry")
         if subcommand is not None and not lightning_word:
-            read_checkpoint(ckpt_path, option="--ckpt_path")
+            self._check_ckpt_path(ckpt_path)
         ckpt = _option_value(args, "--ckpt")
         if subcommand not in CKPT_SUBCOMMANDS or ckpt is None:
             return args
-        self._checkpoint = read_checkpoint(ckpt)
-        config = config_from_checkpoint(self._checkpoint, keep_data_root=subcommand != "predict")
+        self._restored = restore(ckpt)
+        # Prediction reads --input; the training data need not exist on this machine.
+        config = self._restored.cli_config(keep_machine_specific=subcommand != "predict")
         # The data config goes first, so any config or flag given overrides it (another root, batch
         # size). The model goes after the last config given: the weights come from the checkpoint, so a
         # recipe stacked with --ckpt must not swap its architecture; explicit flags still apply.
@@ -195,7 +204,7 @@ class TransferCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self._subconfig()
-        if self.subcommand in CKPT_SUBCOMMANDS and config.get("ckpt") is not None and self._checkpoint is None:
+        if self.subcommand in CKPT_SUBCOMMANDS and config.get("ckpt") is not None and self._restored is None:
             # Its own config must be read before every other config, so it cannot come from one of them.
             raise ConfigError(
                 f"ckpt: {config.ckpt} is set in a config file; give it on the command line instead: "
@@ -233,15 +242,12 @@ class TransferCLI(LightningCLI):
         self._resumed_run = check_new_or_resumed(config)
 
     def after_instantiate_classes(self) -> None:
-        self.datamodule.connect(self.model.backbone)
-        if self._checkpoint is not None:
-            ckpt = self._subconfig().ckpt
-            check_same_classes(self._checkpoint["transfer"]["class_names"], self.datamodule, ckpt)
-            load_weights(self.model, self._checkpoint, ckpt)
-            stored = self._checkpoint["transfer"].get("preprocessing")
-            if stored is not None and hasattr(self.datamodule, "use_preprocessing"):
-                # What the model was trained with, even if a newer torchvision describes the weights anew.
-                self.datamodule.use_preprocessing(ImagePreprocessing.from_dict(stored))
+        if self._restored is None:
+            self.datamodule.connect(self.model.backbone)
+            return
+        self._restored.connect(self.datamodule, self.model)
+        check_same_classes(self._restored.class_names, self.datamodule, self._subconfig().ckpt)
+        self._restored.load_weights(self.model)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._subconfig()

@@ -109,6 +109,8 @@ def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class CIFAR10DataModule(ImageDataModule):
+    machine_specific = ("root", "download")  # dropped from a checkpoint's config when predicting (restore.py)
+
     def __init__(
         self,
         root: str | None = None,

@@ -62,6 +62,8 @@ def _flatten(found: dict[str, list[Path]], class_names: list[str]) -> tuple[list
 
 
 class ImageFolderDataModule(ImageDataModule):
+    machine_specific = ("root",)  # dropped from a checkpoint's config when predicting (restore.py)
+
     def __init__(
         self,
         root: str | None = None,

@@ -48,6 +48,7 @@ def download(root: Path) -> None:
 
 
 class MNLIDataModule(TextDataModule):
+    machine_specific = ("root", "download")  # dropped from a checkpoint's config when predicting (restore.py)
     skip_labels = ("-",)  # GLUE's marker for pairs whose annotators did not agree
     drop_empty = True  # the GLUE files are used as published: a stray empty pair is counted, not fatal
 

@@ -10,6 +10,8 @@ from transfer_cli.errors import ConfigError, DataError
 
 
 class TextClassificationDataModule(TextDataModule):
+    machine_specific = ("root",)  # dropped from a checkpoint's config when predicting (restore.py)
+
     def __init__(
         self,
         root: str | None = None,
