@@ -54,10 +54,8 @@ def export(
         if not report.passed:
             raise ExportParityError(_failure(report))
         staging.commit(names)
-    print(
-        f"exported: {final}" + (f" (tokenizer: {_tokenizer_dir(final)})" if source.kind == "text" else ""),
-        file=sys.stderr,
-    )
+    beside = f" (tokenizer: {_tokenizer_dir(final)})" if len(names) > 1 else ""
+    print(f"exported: {final}{beside}", file=sys.stderr)
     return 0
 
 
@@ -108,7 +106,7 @@ def _metadata(source: Source) -> dict[str, str]:
             "note": "resize the shorter side to resize_size, centre-crop crop_size, feed uint8 RGB [B, 3, H, W]; "
             "the normalisation (mean, std) is inside the graph",
         },
-        "versions": {**source.versions, "export_torch": torch.__version__},
+        "versions": {**source.restored.checkpoint["transfer"].get("versions", {}), "export_torch": torch.__version__},
     }
     return {key: jsonlib.dumps(value) for key, value in values.items()}
 
@@ -150,7 +148,7 @@ def _runner(fmt: str, source: Source, path: Path):
         return onnx.load(path)
     if fmt == "pt2":
         return pt2.runner_for(path, source)
-    return safetensors.load(path, source)
+    return safetensors.load(path)
 
 
 def _failure(report: ParityReport) -> str:
