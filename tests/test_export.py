@@ -2,6 +2,7 @@
 transfer's model classes and compared with predict's own rows on real inputs (CIFAR-10 JPEGs, MNLI)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,9 +17,12 @@ from test_huggingface import make_tiny_bert
 from transfer_cli.cli import TransferCLI
 from transfer_cli.entry import main
 
-from conftest import REPO, TINY_IMAGE_BACKBONE, run_transfer
+from conftest import REPO, TINY_IMAGE_BACKBONE, run_transfer, skip_unless_ci
 
-onnxruntime = pytest.importorskip("onnxruntime")
+try:
+    import onnxruntime
+except ImportError:  # the export extra; CI installs it with the test extra, so there it must be present
+    onnxruntime = None
 
 DEBUG = ("--config", "debug")
 PAIR = ("A man is playing a guitar on the stage.", "Someone is making music.")
@@ -63,6 +67,12 @@ def _readme_snippet() -> str:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     found = re.search(r"## Deploy.*?```python\n(.*?)```", readme, flags=re.S)
     return found.group(1) if found else SNIPPET
+
+
+@pytest.fixture(autouse=True)
+def _needs_onnxruntime() -> None:
+    if onnxruntime is None:
+        skip_unless_ci("onnxruntime is not installed (pip install 'transfer-cli[export]')")
 
 
 def _fit(root: Path, recipe: str, *args: str) -> Path:
@@ -189,3 +199,103 @@ def test_text_onnx_matches_predict_at_two_lengths_and_the_readme_snippet_runs(
     ]
     for got, expected in ((image_row, predicted_image), (text_row, predicted_text)):
         assert got["label"] == expected["label"] and abs(got["score"] - expected["score"]) <= 1e-4
+
+
+def test_pt2_and_safetensors_agree_with_predict(tmp_path, capsys, image_ckpt, photos):
+    rows = _predicted(capsys, image_ckpt, str(photos))
+    paths, images = _batch(photos)
+    classes = torch.load(image_ckpt, weights_only=True)["transfer"]["class_names"]
+
+    assert _export(capsys, "--ckpt", image_ckpt, "--output", tmp_path / "model.pt2", "--input", photos)[0] == 0
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()  # torch alone, no transfer classes
+    with torch.no_grad():
+        probs = program(torch.from_numpy(images))
+    assert [classes[i] for i in probs.argmax(-1)] == [rows[p]["label"] for p in paths]
+    torch.testing.assert_close(probs.max(-1).values, torch.tensor([rows[p]["score"] for p in paths]), atol=1e-4, rtol=0)
+
+    folder = tmp_path / "weights"
+    assert (
+        _export(capsys, "--ckpt", image_ckpt, "--output", folder, "--format", "safetensors", "--input", photos)[0] == 0
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())  # plain JSON: no pickle anywhere
+    assert config["class_names"] == classes and config["model"]["class_path"] == "transfer_cli.model.TransferModel"
+    assert "root" not in config["data"]["init_args"]  # nothing of the training machine
+    from safetensors.torch import load_file
+
+    from transfer_cli.export.safetensors import load_source
+
+    assert set(load_file(str(folder / "model.safetensors"))) == set(
+        torch.load(image_ckpt, weights_only=True)["state_dict"]
+    )
+    rebuilt = load_source(folder)
+    from transfer_cli.export.deploy import reference
+
+    again = reference(rebuilt, {"images": torch.from_numpy(images)})["probs"]
+    torch.testing.assert_close(again, probs, atol=1e-5, rtol=0)
+
+
+def test_broken_export_fails_parity_with_exit_7_and_keeps_what_was_there(tmp_path, image_ckpt, photos):
+    final = tmp_path / "model.pt2"
+    final.write_text("the previous export")
+    env = {**os.environ, "TRANSFER_TEST_PERTURB_EXPORT": "1"}
+    result = run_transfer(
+        "export", "--ckpt", image_ckpt, "--output", final, "--input", photos, "--json", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 7, result.stderr
+    assert "FAILED" in result.stderr and "Export parity failed" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads(result.stdout)["passed"] is False
+    assert final.read_text() == "the previous export"  # nothing new under the final name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # and no temporary leftovers
+
+
+def test_bad_requests_exit_with_their_documented_codes(tmp_path, capsys, monkeypatch, image_ckpt):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (("--ckpt", image_ckpt, "--output", tmp_path / "m.onnx", "--format", "tflite"), 2, "Unknown --format 'tflite'"),
+        (("--ckpt", image_ckpt, "--output", tmp_path / "m.bin"), 2, "Cannot tell the format"),
+        (("--ckpt", foreign, "--output", tmp_path / "m.pt2"), 4, "not written by transfer"),
+        (("--ckpt", image_ckpt, "--output", tmp_path / "a_file" / "m.pt2"), 6, "Cannot create the folder"),
+        (("--ckpt", image_ckpt, "--output", image_ckpt, "--format", "pt2"), 2, "is the --ckpt file"),
+        (("--ckpt", image_ckpt), 2, "output"),
+    ]
+    for args, code, words in cases:
+        got, out, err = _export(capsys, *args)
+        assert (got, out) == (code, ""), (args, err)
+        assert words in err and err.startswith("transfer: error:") and "Traceback" not in err, err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the export extra not installed
+    got, _, err = _export(capsys, "--ckpt", image_ckpt, "--output", tmp_path / "m.onnx")
+    assert got == 2 and "pip install 'transfer-cli[export]'" in err and "onnxruntime" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "foreign.ckpt"]
+
+
+@pytest.mark.slow
+def test_autoencoder_embeddings_and_a_classifier_on_its_encoder_export(tmp_path, capsys, cifar_root, photos):
+    encoder_ckpt = _fit(tmp_path / "ae", "autoencoder-cifar10", f"--data.root={cifar_root}")
+    code, out, err = _export(
+        capsys, "--ckpt", encoder_ckpt, "--output", tmp_path / "encoder.onnx", "--input", photos, "--json"
+    )
+    assert code == 0, err
+    session = onnxruntime.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["embedding"]
+    rows = _predicted(capsys, encoder_ckpt, str(photos))
+    paths, images = _batch(photos)
+    embeddings = session.run(["embedding"], {"images": images})[0]
+    for path, embedding in zip(paths, embeddings):
+        np.testing.assert_allclose(embedding, rows[path]["embedding"], atol=1e-4)
+
+    classifier_ckpt = _fit(
+        tmp_path / "clf", "autoencoder-classifier-cifar10", f"--data.root={cifar_root}",
+        f"--model.init_args.backbone.init_args.checkpoint={encoder_ckpt}",
+    )  # fmt: skip
+    code, _, err = _export(
+        capsys, "--ckpt", classifier_ckpt, "--output", tmp_path / "classifier.onnx", "--input", photos
+    )
+    assert code == 0, err
+    rows = _predicted(capsys, classifier_ckpt, str(photos))
+    session = onnxruntime.InferenceSession(str(tmp_path / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    probs = session.run(["probs"], {"images": images})[0]
+    classes = torch.load(classifier_ckpt, weights_only=True)["transfer"]["class_names"]
+    assert [classes[i] for i in probs.argmax(-1)] == [rows[p]["label"] for p in paths]
