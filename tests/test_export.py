@@ -260,6 +260,7 @@ def test_bad_requests_exit_with_their_documented_codes(tmp_path, capsys, monkeyp
         (("--ckpt", image_ckpt, "--output", tmp_path / "a_file" / "m.pt2"), 6, "Cannot create the folder"),
         (("--ckpt", image_ckpt, "--output", image_ckpt, "--format", "pt2"), 2, "is the --ckpt file"),
         (("--ckpt", image_ckpt), 2, "output"),
+        (("--ckpt", image_ckpt, "--output", tmp_path, "--format", "safetensors"), 2, "not an earlier export"),
     ]
     for args, code, words in cases:
         got, out, err = _export(capsys, *args)

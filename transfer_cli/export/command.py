@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from transfer_cli import __version__
+from transfer_cli.checkpoint import is_tokenizer_file_name
 from transfer_cli.errors import ConfigError, ExportParityError, ResourceError
 from transfer_cli.export import onnx, pt2, safetensors
 from transfer_cli.export.deploy import deploy_module, input_names, output_names
@@ -43,6 +44,7 @@ def export(
     if fmt == "onnx":
         onnx.require()
     final = _output_path(output, ckpt)
+    _check_replaceable(final, fmt)
     source = load_source(ckpt)
     samples, cases = parity_cases(source, os.path.expanduser(input) if input else None)
     with Staging(final) as staging:
@@ -89,6 +91,25 @@ def _output_path(output: str, ckpt: str) -> Path:
             f"Cannot write to {final.parent} (--output): permission denied. Choose a writable location."
         )
     return final
+
+
+def _check_replaceable(final: Path, fmt: str) -> None:
+    """An existing folder under an output name is replaced only when it is an earlier export: a slip
+    such as `--output .` must never swap a folder of the user's for a model."""
+    earlier = {
+        final: {safetensors.WEIGHTS, safetensors.CONFIG} if fmt == "safetensors" else set(),
+        _tokenizer_dir(final): None,  # tokenizer files only
+    }
+    for path, allowed in earlier.items():
+        if not path.is_dir():
+            continue
+        names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+        others = sorted(n for n in names if not (is_tokenizer_file_name(n) if allowed is None else n in allowed))
+        if others or (allowed is not None and not allowed):
+            raise ConfigError(
+                f"--output {final} would replace the folder {path}, which is not an earlier export "
+                f"(it holds {', '.join(others[:3]) or 'other files'}). Choose a new name, or remove it first."
+            )
 
 
 def _metadata(source: Source) -> dict[str, str]:
