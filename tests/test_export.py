@@ -144,6 +144,7 @@ def _batch(folder: Path) -> tuple[list[str], np.ndarray]:
     return paths, np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1) for p in paths])
 
 
+@pytest.mark.slow
 def test_image_onnx_matches_predict_at_batch_1_and_7(tmp_path, capsys, image_ckpt, photos):
     code, out, err = _export(
         capsys, "--ckpt", image_ckpt, "--output", tmp_path / "model.onnx", "--input", photos, "--json"
@@ -170,6 +171,7 @@ def test_image_onnx_matches_predict_at_batch_1_and_7(tmp_path, capsys, image_ckp
         assert abs(float(probs.max()) - row["score"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_text_onnx_matches_predict_at_two_lengths_and_the_readme_snippet_runs(
     tmp_path, capsys, monkeypatch, text_ckpt, image_ckpt, photos, mnli_root
 ):
@@ -201,6 +203,7 @@ def test_text_onnx_matches_predict_at_two_lengths_and_the_readme_snippet_runs(
         assert got["label"] == expected["label"] and abs(got["score"] - expected["score"]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_pt2_and_safetensors_agree_with_predict(tmp_path, capsys, image_ckpt, photos):
     rows = _predicted(capsys, image_ckpt, str(photos))
     paths, images = _batch(photos)
@@ -235,6 +238,7 @@ def test_pt2_and_safetensors_agree_with_predict(tmp_path, capsys, image_ckpt, ph
     torch.testing.assert_close(again, probs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_broken_export_fails_parity_with_exit_7_and_keeps_what_was_there(tmp_path, image_ckpt, photos):
     final = tmp_path / "model.pt2"
     final.write_text("the previous export")
@@ -300,3 +304,21 @@ def test_autoencoder_embeddings_and_a_classifier_on_its_encoder_export(tmp_path,
     probs = session.run(["probs"], {"images": images})[0]
     classes = torch.load(classifier_ckpt, weights_only=True)["transfer"]["class_names"]
     assert [classes[i] for i in probs.argmax(-1)] == [rows[p]["label"] for p in paths]
+
+
+@pytest.mark.slow
+def test_timm_onnx_matches_predict(tmp_path, capsys, imagefolder_root, photos):
+    ckpt = _fit(
+        tmp_path, "convnext-imagefolder", f"--data.root={imagefolder_root}", "--data.init_args.num_workers=0",
+        "--model.init_args.backbone.init_args.name=resnet10t", "--model.init_args.backbone.init_args.weights=null",
+        "--model.init_args.backbone.init_args.image_size=32",
+    )  # fmt: skip
+    code, _, err = _export(capsys, "--ckpt", ckpt, "--output", tmp_path / "timm.onnx", "--input", photos)
+    assert code == 0, err
+    rows = _predicted(capsys, ckpt, str(photos))
+    paths, images = _batch(photos)
+    session = onnxruntime.InferenceSession(str(tmp_path / "timm.onnx"), providers=["CPUExecutionProvider"])
+    probs = session.run(["probs"], {"images": images})[0]
+    classes = torch.load(ckpt, weights_only=True)["transfer"]["class_names"]
+    assert [classes[i] for i in probs.argmax(-1)] == [rows[p]["label"] for p in paths]
+    np.testing.assert_allclose(probs.max(-1), [rows[p]["score"] for p in paths], atol=1e-4)
