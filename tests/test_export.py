@@ -322,3 +322,17 @@ def test_timm_onnx_matches_predict(tmp_path, capsys, imagefolder_root, photos):
     classes = torch.load(ckpt, weights_only=True)["transfer"]["class_names"]
     assert [classes[i] for i in probs.argmax(-1)] == [rows[p]["label"] for p in paths]
     np.testing.assert_allclose(probs.max(-1), [rows[p]["score"] for p in paths], atol=1e-4)
+
+
+def test_without_the_training_data_the_check_uses_synthetic_inputs(tmp_path, capsys, mnli_root):
+    data = tmp_path / "mnli"
+    shutil.copytree(mnli_root / "fastnlp_fixture", data)
+    ckpt = _fit(
+        tmp_path / "runs", "bert-mnli", f"--data.root={data}",
+        f"--model.init_args.backbone.init_args.model={make_tiny_bert(tmp_path / 'tiny-bert')}",
+    )  # fmt: skip
+    shutil.rmtree(data)  # exported on a machine that never had the training data
+    code, out, err = _export(capsys, "--ckpt", ckpt, "--output", tmp_path / "model.pt2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["samples"] == "synthetic inputs" and report["passed"] and len(report["cases"]) >= 2

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from transfer_cli.backbones.base import ImagePreprocessing
+from transfer_cli.errors import TransferError
 from transfer_cli.restore import Restored, restore
 
 Kind = Literal["image", "text"]
@@ -49,6 +50,22 @@ def load_source(ckpt: str | Path) -> Source:
 
 def from_restored(restored: Restored) -> Source:
     model = restored.build_model().to(torch.float32)
-    datamodule = restored.build_datamodule(**restored.machine_specific)
+    datamodule = _datamodule(restored)
     restored.connect(datamodule, model)
     return Source(restored=restored, model=model, datamodule=datamodule)
+
+
+def _datamodule(restored: Restored) -> LightningDataModule:
+    """With the training machine's values (its data root) when they still work here, for validation
+    samples; else as predict builds it, for exporting on a machine without the training data."""
+    if restored.machine_specific:
+        # Never fetch anything: an export only reads what is already here.
+        local = {
+            **restored.machine_specific,
+            **({"download": False} if "download" in restored.machine_specific else {}),
+        }
+        try:
+            return restored.build_datamodule(**local)
+        except TransferError:
+            pass
+    return restored.build_datamodule()
