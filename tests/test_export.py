@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +338,20 @@ def test_without_the_training_data_the_check_uses_synthetic_inputs(tmp_path, cap
     assert code == 0, err
     report = json.loads(out)
     assert report["samples"] == "synthetic inputs" and report["passed"] and len(report["cases"]) >= 2
+
+
+@pytest.mark.slow
+def test_sigterm_mid_export_exits_143_and_leaves_nothing(tmp_path, image_ckpt, photos):
+    args = ["export", "--ckpt", image_ckpt, "--output", tmp_path / "out" / "model.onnx", "--input", photos]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transfer_cli", *map(str, args)], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "out").glob(".model.onnx.*.partial")):  # the export is being written
+        assert process.poll() is None and time.monotonic() < deadline, "the export ended before it was staged"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []

@@ -1,5 +1,6 @@
 """A torch.export program (`torch.export.save`), checked by loading it back with torch.export.load."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def write(module: torch.nn.Module, source: Source, path: Path, metadata: dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example_inputs(source), dynamic_shapes=dynamic_shapes(source))
-    extra = {METADATA_FILE: "{" + ", ".join(f'"{k}": {v}' for k, v in metadata.items()) + "}"}
+    extra = {METADATA_FILE: json.dumps({key: json.loads(value) for key, value in metadata.items()})}
     torch.export.save(program, str(path), extra_files=extra)
 
 
