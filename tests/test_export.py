@@ -2,7 +2,6 @@
 transfer's model classes and compared with predict's own rows on real inputs (CIFAR-10 JPEGs, MNLI)."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -19,7 +18,7 @@ from test_huggingface import make_tiny_bert
 from transfer_cli.cli import TransferCLI
 from transfer_cli.entry import main
 
-from conftest import REPO, TINY_IMAGE_BACKBONE, run_transfer, skip_unless_ci
+from conftest import REPO, TINY_IMAGE_BACKBONE, skip_unless_ci
 
 try:
     import onnxruntime
@@ -240,17 +239,16 @@ def test_pt2_and_safetensors_agree_with_predict(tmp_path, capsys, image_ckpt, ph
     torch.testing.assert_close(again, probs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
-def test_broken_export_fails_parity_with_exit_7_and_keeps_what_was_there(tmp_path, image_ckpt, photos):
+def test_broken_export_fails_parity_with_exit_7_and_keeps_what_was_there(
+    tmp_path, capsys, monkeypatch, image_ckpt, photos
+):
     final = tmp_path / "model.pt2"
     final.write_text("the previous export")
-    env = {**os.environ, "TRANSFER_TEST_PERTURB_EXPORT": "1"}
-    result = run_transfer(
-        "export", "--ckpt", image_ckpt, "--output", final, "--input", photos, "--json", cwd=tmp_path, env=env
-    )
-    assert result.returncode == 7, result.stderr
-    assert "FAILED" in result.stderr and "Export parity failed" in result.stderr and "Traceback" not in result.stderr
-    assert json.loads(result.stdout)["passed"] is False
+    monkeypatch.setenv("TRANSFER_TEST_PERTURB_EXPORT", "1")
+    code, out, err = _export(capsys, "--ckpt", image_ckpt, "--output", final, "--input", photos, "--json")
+    assert code == 7, err
+    assert "FAILED" in err and "Export parity failed" in err and "Traceback" not in err
+    assert json.loads(out)["passed"] is False
     assert final.read_text() == "the previous export"  # nothing new under the final name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # and no temporary leftovers
 
