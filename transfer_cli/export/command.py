@@ -18,7 +18,7 @@ from transfer_cli.errors import EXIT_TERMINATED, ConfigError, ExportParityError,
 from transfer_cli.export import onnx, pt2, safetensors
 from transfer_cli.export.deploy import deploy_module, input_names, output_names
 from transfer_cli.export.files import Staging
-from transfer_cli.export.parity import ParityReport, check, print_report
+from transfer_cli.export.parity import EMBEDDING_TOL, PROBS_ATOL, ParityReport, check, print_report
 from transfer_cli.export.samples import parity_cases
 from transfer_cli.export.source import Source, load_source
 
@@ -197,10 +197,16 @@ def _failure(report: ParityReport) -> str:
     worst = max(report.cases, key=lambda c: c.max_abs_diff)
     agreement = min((c.top1_agreement for c in report.cases if c.top1_agreement is not None), default=None)
     top1 = "" if agreement is None else f", top-1 agreement {agreement:.0%}"
+    allowed = (
+        f"within {EMBEDDING_TOL:g} of the largest value"
+        if agreement is None
+        else f"max abs diff {PROBS_ATOL:g} and 100% top-1 agreement"
+    )
     return (
         f"Export parity failed for {report.output} ({report.format}): the exported model differs from the "
-        f"checkpoint by up to {worst.max_abs_diff:.2e} ({worst.case}{top1}; allowed: {report.tolerance}). Nothing "
-        "was written. Rerun with --debug and report it, with the checkpoint's versions and this torch version."
+        f"checkpoint by up to {worst.max_abs_diff:.2e} ({worst.case}{top1}; allowed: {allowed}), so nothing was "
+        "written. Try another --format (pt2, safetensors), and report it with --debug's output and the versions "
+        "of torch and onnxruntime."
     )
 
 

@@ -40,6 +40,8 @@ def parity_cases(source: Source, input_spec: str | None) -> tuple[str, list[Case
     """Where the samples came from, and the batches to compare: batch 1 and batch N, and for text a
     second, longer padded length."""
     where, examples = _examples(source, input_spec)
+    if len(examples) == 1:
+        examples = examples * 2  # one input still checks a real batch, not batch 1 twice
     if source.kind == "image":
         pool = torch.stack(examples)
         return where, [Case("batch 1", {"images": pool[:1]}), Case(f"batch {len(pool)}", {"images": pool})]
