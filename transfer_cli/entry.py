@@ -41,6 +41,10 @@ VERBS: dict[str, tuple[str, str | None]] = {
         "List usable backbone names: [--family torchvision|timm|huggingface] [PATTERN]",
         "transfer_cli.backbone_list:backbones",
     ),
+    "export": (
+        "Export a checkpoint (onnx, pt2, safetensors) with a parity check: --ckpt C --output PATH",
+        "transfer_cli.export:main",
+    ),
 }
 SUBCOMMANDS = tuple(verb for verb, (_, target) in VERBS.items() if target is None)
 
@@ -56,7 +60,7 @@ recipes (for --config): {recipes}
 
 Run `transfer SUBCOMMAND --help` for every option, `transfer fit --config NAME --print_config` for a
 recipe in full. --debug (or TRANSFER_DEBUG=1) shows tracebacks. Exit codes: 0 ok, 2 usage/config,
-3 data, 4 checkpoint, 5 non-finite loss, 6 resources, 130 interrupted, 143 terminated.
+3 data, 4 checkpoint, 5 non-finite loss, 6 resources, 7 export parity failed, 130 interrupted, 143 terminated.
 """
 
 

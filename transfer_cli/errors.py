@@ -10,6 +10,7 @@ EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_NONFINITE = 5
 EXIT_RESOURCE = 6
+EXIT_EXPORT_PARITY = 7
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -36,6 +37,12 @@ class NonFiniteLossError(TransferError):
 
 class ResourceError(TransferError):
     exit_code = EXIT_RESOURCE
+
+
+class ExportParityError(TransferError):
+    """An exported model does not compute what its checkpoint computes (transfer export)."""
+
+    exit_code = EXIT_EXPORT_PARITY
 
 
 class WeightsUnavailableError(ConfigError):
