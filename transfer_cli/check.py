@@ -119,10 +119,15 @@ def _cli_class() -> type:
                 data.setup("fit")
             with self.problems.collect():
                 self._instantiate(data=NoData, class_names=class_names)
-            with self.problems.collect():
+            try:
                 self.config_init = self._instantiate(data=NoData, model=NoModel)
                 self.trainer = self.instantiate_trainer()
+            except Exception as err:  # noqa: BLE001 - the trainer's own settings
+                self.problems.add(err)
+                return
+            with self.problems.collect():
                 self._check_devices()
+            with self.problems.collect():
                 self.fit_checks(None)[-1]()  # the output location
 
         def _instantiate(self, data: type | None = None, model: type | None = None, class_names=None) -> Any:
