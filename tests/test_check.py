@@ -69,7 +69,8 @@ def test_check_on_the_text_recipe_counts_rows_and_measures_a_step(tmp_path, mnli
     assert code == 0, out.err
     report = json.loads(out.out)
     splits = report["data"]["splits"]
-    assert splits["train"]["per_class"] == {k: _mnli_counts(glue / "train.tsv")[k] for k in splits["train"]["per_class"]}
+    train = _mnli_counts(glue / "train.tsv")
+    assert splits["train"]["per_class"] == {k: train[k] for k in splits["train"]["per_class"]}
     assert sum(splits["val"]["per_class"].values()) == sum(_mnli_counts(glue / "dev_matched.tsv").values())
     assert report["model"]["backbone"] == "HuggingFaceBackbone" and report["device"]["train_step_s"] > 0
     assert _files(work) == []
@@ -131,9 +132,7 @@ def test_check_exits_with_the_data_code_for_an_empty_class_folder(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
-def test_find_batch_size_returns_the_largest_power_of_two_under_a_memory_cap(
-    tmp_path, cifar_root, monkeypatch, capsys
-):
+def test_find_batch_size_returns_the_largest_power_of_two_under_a_memory_cap(tmp_path, cifar_root, monkeypatch, capsys):
     cap = 10  # samples: a larger batch "runs out of memory" as a full GPU would
     real_step = TransferModel.training_step
 
