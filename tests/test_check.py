@@ -151,3 +151,13 @@ def test_find_batch_size_returns_the_largest_power_of_two_under_a_memory_cap(tmp
     assert search["tried"] == {"4": True, "8": True, "16": False}
     assert search["largest"] == 8 and search["flag"] == "--data.init_args.batch_size 8"
     assert "--data.init_args.batch_size 8" in out.err
+
+
+def test_check_and_fetch_explain_their_flags_and_point_to_fits(capsys):
+    for verb in ("check", "fetch"):
+        assert main([verb, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: transfer {verb} --config R") and "`transfer fit --help`" in out
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "  check " in usage and "  fetch " in usage
