@@ -23,6 +23,7 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*"))
 
 
+@pytest.mark.slow
 def test_check_on_the_cifar_recipe_reports_the_data_the_model_and_a_step_and_writes_nothing(tmp_path, cifar_root):
     result = run_transfer(
         "check", "--config", "resnet50-cifar10", "--config", "debug", "--data.root", cifar_root,
@@ -114,24 +115,31 @@ def test_check_names_every_problem_fit_would_stop_at_in_one_report(
     assert _files(work) == [] and not any(Path(offline_env["TORCH_HOME"]).rglob("*.pth"))
 
 
-def test_check_exits_with_the_data_code_for_an_empty_class_folder(
+def test_check_exits_with_the_data_code_for_an_empty_class_folder_and_a_bad_image(
     tmp_path, imagefolder_root, offline_env, monkeypatch, capsys
 ):
     photos = _photos(tmp_path, imagefolder_root, per_class=2)
     (photos / "train" / "bird").mkdir()
     monkeypatch.chdir(tmp_path)
-    code = main([
-        "check", "--config", "convnext-imagefolder", "--config", "debug", "--data.root", str(photos),
+    args = [
+        "--config", "convnext-imagefolder", "--config", "debug", "--data.root", str(photos),
         "--model.init_args.backbone.init_args.name=resnet10t", "--model.init_args.backbone.init_args.weights=null",
         "--model.init_args.backbone.init_args.image_size=32",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    code = main(["check", *args])
     out = capsys.readouterr()
     assert code == 3, out.err
     assert out.out == ""  # without --json, the report is on stderr alone
     assert "Class folders without images" in out.err and "bird" in out.err and "[exit 3]" in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    (photos / "train" / "bird").rmdir()
+    (photos / "train" / "cat" / "broken.jpg").write_bytes(b"")  # the full scan fit makes finds it
+    assert main(["check", *args]) == 3
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s)" in err and "broken.jpg: empty file" in err and "[exit 3]" in err
 
 
+@pytest.mark.slow
 def test_find_batch_size_returns_the_largest_power_of_two_under_a_memory_cap(tmp_path, cifar_root, monkeypatch, capsys):
     cap = 10  # samples: a larger batch "runs out of memory" as a full GPU would
     real_step = TransferModel.training_step

@@ -57,11 +57,13 @@ class Problems:
             self.items.append({"exit_code": cause.exit_code, "kind": type(cause).__name__, "message": message})
 
     @contextlib.contextmanager
-    def collect(self):
+    def collect(self, stand_in: bool = False):
+        """Record our errors; re-raise others, unless a stand-in (NoData, NoModel) may have caused them."""
         try:
             yield
         except Exception as err:  # noqa: BLE001 - add() re-raises what is not ours
-            self.add(err)
+            if not stand_in or as_transfer_error(err) is not None:
+                self.add(err)
 
     @property
     def exit_code(self) -> int:
@@ -112,12 +114,12 @@ def _cli_class() -> type:
         def _check_parts_apart(self) -> None:
             """Build the data without the model and the model without the data, so a problem in one
             does not hide a problem in the other; then the trainer and fit's own checks on them."""
-            data, class_names = None, None
-            with self.problems.collect():
+            class_names = None
+            with self.problems.collect(stand_in=True):
                 data = self._instantiate(model=NoModel)["data"]
                 class_names = list(data.class_names)
-                data.setup("fit")
-            with self.problems.collect():
+                data.setup("fit")  # text data cannot tokenize without the model's tokenizer: skipped then
+            with self.problems.collect(stand_in=True):
                 self._instantiate(data=NoData, class_names=class_names)
             try:
                 self.config_init = self._instantiate(data=NoData, model=NoModel)
@@ -146,7 +148,7 @@ def _cli_class() -> type:
             for check in self.fit_checks(kwargs.get("ckpt_path")):
                 with self.problems.collect():
                     check()
-            with self.problems.collect():
+            if not self.problems.items:  # data that failed its checks has no splits to count
                 self.report["data"] = data_summary(self.datamodule)
             self.report["model"] = model_summary(self.model, self.trainer)
             if self.problems.items:

@@ -25,9 +25,17 @@ def config_changes(cli: Any, args: list[str]) -> dict[str, Any]:
         recipe = parser.parse_args([a for pair in configs for a in pair])
     except Exception:  # noqa: BLE001 - a recipe that needs flags to parse: show the whole config instead
         recipe = None
-    ours = _flat(yaml.safe_load(parser.dump(cli.config["fit"], skip_none=False, skip_validation=True)))
-    theirs = _flat(yaml.safe_load(parser.dump(recipe, skip_none=False, skip_validation=True))) if recipe else {}
+    ours, theirs = _dumped(parser, cli.config["fit"]), _dumped(parser, recipe)
     return {k: v for k, v in ours.items() if k != "config" and theirs.get(k, object()) != v}
+
+
+def _dumped(parser: Any, config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    try:
+        return _flat(yaml.safe_load(parser.dump(config, skip_none=False, skip_validation=True)))
+    except Exception:  # noqa: BLE001 - a value the dump cannot write: the report goes without the comparison
+        return {}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
