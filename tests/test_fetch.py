@@ -4,6 +4,7 @@ an offline fit then uses."""
 import functools
 import hashlib
 import http.server
+import tarfile
 import threading
 import urllib.request
 from pathlib import Path
@@ -103,12 +104,20 @@ def test_fetch_fills_an_empty_cache_that_an_offline_fit_uses(
     served, url = server
     name, state = _fake_weights(served)
     monkeypatch.setattr(WEIGHTS.value, "url", f"{url}/{name}")
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # the real files, in upstream's layout
+        tar.add(cifar_root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(cifar10, "ARCHIVE_URL", f"{url}/{archive.name}")
+    monkeypatch.setattr(cifar10, "ARCHIVE_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     monkeypatch.chdir(tmp_path)
-    flags = ["--config", "resnet50-cifar10", "--config", "debug", "--data.root", str(cifar_root), *PRETRAINED_TINY]
+    flags = ["--config", "resnet50-cifar10", "--config", "debug", "--data.root", "cifar",
+             "--data.init_args.download=true", *PRETRAINED_TINY]  # fmt: skip
     assert main(["fetch", *flags]) == 0
     cached = Path(offline_env["TORCH_HOME"]) / "hub" / "checkpoints" / name
-    assert capsys.readouterr().out == f"torchvision resnet18 IMAGENET1K_V1\t{cached}\n"
+    data = Path("cifar") / "cifar-10-batches-py"
+    assert capsys.readouterr().out == f"torchvision resnet18 IMAGENET1K_V1\t{cached}\nCIFAR10\t{data}\n"
     assert cached.is_file() and not cached.with_name(name + ".part").exists()
+    assert (data / "data_batch_1").read_bytes() == (cifar_root / "cifar-10-batches-py" / "data_batch_1").read_bytes()
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"network used: {args}")
