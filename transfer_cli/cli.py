@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 from argparse import ArgumentError
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -270,16 +271,26 @@ class TransferCLI(LightningCLI):
 
     # Subcommands: Lightning's, with its ways of stopping turned into our exit codes ------------
 
-    def fit(self, **kwargs: Any) -> None:
+    def fit_checks(self, ckpt_path: str | None) -> list[Callable[[], None]]:
+        """What fit verifies before it trains, in order. fit stops at the first failure; `transfer check`
+        runs every one and reports them all, so the two can never disagree."""
+        checks = [self._check_devices, lambda: self.datamodule.setup("fit")]
+        if ckpt_path:
+            checks.append(lambda: check_resumable(ckpt_path, self.model, self.datamodule))
+        # log_dir is None in fast_dev_run; reading it creates nothing (the logger makes its directory lazily).
+        checks.append(lambda: check_writable(self.trainer.log_dir or self.trainer.default_root_dir))
+        return checks
+
+    def _check_devices(self) -> None:
         for callback in self.trainer.callbacks:
             if isinstance(callback, BackboneFinetuning):
                 # Before Lightning starts the other processes: an error after that ends them all at once.
                 callback.check_devices(self.trainer.num_devices * self.trainer.num_nodes)
+
+    def fit(self, **kwargs: Any) -> None:
         # Data errors surface here, before the logger creates a run directory or workers start.
-        self.datamodule.setup("fit")
-        if kwargs.get("ckpt_path"):
-            check_resumable(kwargs["ckpt_path"], self.model, self.datamodule)
-        check_writable(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is None in fast_dev_run
+        for check in self.fit_checks(kwargs.get("ckpt_path")):
+            check()
         if self._resumed_run is not None:
             keep_metrics(self._resumed_run)
             # Expected when a run continues in its own directory; a new run there was refused before.
@@ -464,6 +475,12 @@ def _epoch_metrics(trainer: Trainer) -> dict[str, Any]:
 
 
 def run(args: list[str] | None = None) -> None:
+    quiet_lightning()
+    TransferCLI(args=args)
+
+
+def quiet_lightning() -> None:
+    """stderr for everything but data, and no noise: what every verb built on TransferCLI needs."""
     forgiving_stderr()
     # stdout is for data: Lightning's rich model summary prints through rich's global console.
     rich.reconfigure(stderr=True)
@@ -475,4 +492,3 @@ def run(args: list[str] | None = None) -> None:
     ):
         # Expected with a frozen backbone / a short run; noise for users.
         warnings.filterwarnings("ignore", message=message)
-    TransferCLI(args=args)

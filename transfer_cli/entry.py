@@ -45,6 +45,14 @@ VERBS: dict[str, tuple[str, str | None]] = {
         "Export a checkpoint (onnx, pt2, safetensors) with a parity check: --ckpt C --output PATH",
         "transfer_cli.export:main",
     ),
+    "check": (
+        "Resolve a fit without training: data, model, one measured step, every problem: fit's flags [--json]",
+        "transfer_cli.check:main",
+    ),
+    "fetch": (
+        "Download the weights and data a config names, or list what is missing offline: fit's flags",
+        "transfer_cli.fetch:main",
+    ),
 }
 SUBCOMMANDS = tuple(verb for verb, (_, target) in VERBS.items() if target is None)
 
