@@ -20,13 +20,14 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from conftest import TINY_IMAGE_BACKBONE, run_transfer
 from transfer_cli.autoencoder import ConvEncoder
 from transfer_cli.model import TransferModel
 from transfer_cli.report.metrics import summarize
 from transfer_cli.report.plots import calibration_png, confusion_matrix_png, curves_png
 from transfer_cli.report.run_summary import read_metrics
 from transfer_cli.report.states import EvaluationStates, Mistakes
+
+from conftest import TINY_IMAGE_BACKBONE, run_transfer
 
 CLASSES = ["a", "b", "c"]
 # Six examples, three classes; confidences kept off the bin edges (multiples of 1/15).
@@ -105,7 +106,13 @@ def test_mistakes_keep_the_most_confident_wrong_predictions_with_their_ids():
     mistakes.update(torch.tensor([[0.05, 0.95], [0.99, 0.01]]), torch.tensor([0, 0]), torch.tensor([30, 31]))
     rows = mistakes.rows(["x", "y"])
     assert [row["input"] for row in rows] == [30, "p1"]  # 0.95 and 0.8; right answers are never kept
-    assert rows[0] == {"input": 30, "true": "x", "predicted": "y", "score": pytest.approx(0.95), "true_score": pytest.approx(0.05)}
+    assert rows[0] == {
+        "input": 30,
+        "true": "x",
+        "predicted": "y",
+        "score": pytest.approx(0.95),
+        "true_score": pytest.approx(0.05),
+    }
 
 
 def test_padding_of_a_distributed_sampler_is_counted_once():
@@ -225,15 +232,20 @@ def test_image_text_and_autoencoder_classifier_reports_have_the_same_keys(tmp_pa
 
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, cifar_root) -> Path:
-    """A tiny model fitted on the real CIFAR-10 subset for one epoch, then resumed for a second."""
+    """A tiny model fitted on the real CIFAR-10 subset: terminated (SIGTERM) at the end of its first epoch,
+    which leaves curves already, then resumed for a second."""
     cwd = tmp_path_factory.mktemp("fit")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     common = ["fit", "--config", "resnet50-cifar10", "--config", "debug", f"--data.root={cifar_root}"]
-    common += [*TINY_IMAGE_BACKBONE, "--trainer.log_every_n_steps=1"]
-    for extra in (["--trainer.max_epochs=1"], ["--trainer.max_epochs=2", "--ckpt_path=last"]):
-        result = run_transfer(*common, *extra, cwd=cwd)
-        assert result.returncode == 0, result.stderr
+    common += [*TINY_IMAGE_BACKBONE, "--trainer.log_every_n_steps=1", "--trainer.max_epochs=2"]
     run = cwd / "runs" / "resnet50-cifar10" / "version_0"
-    assert f"curves: {Path('runs/resnet50-cifar10/version_0/curves.png')}" in result.stderr
+    terminated = run_transfer(*common, "--trainer.callbacks+=faults.SignalAtEpochEnd", cwd=cwd, env=env)
+    assert terminated.returncode == 143, terminated.stderr
+    assert json.loads((run / "summary.json").read_text())["interrupted"] is True
+    assert _decoded(run / "curves.png").size == (1500, 450)
+    resumed = run_transfer(*common, "--ckpt_path=last", cwd=cwd, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"curves: {Path('runs/resnet50-cifar10/version_0/curves.png')}" in resumed.stderr
     return run
 
 
