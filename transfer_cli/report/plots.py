@@ -56,13 +56,12 @@ def calibration_png(path: Path, calibration: dict[str, Any], ece: float) -> None
     figure = _figure(6, 7)
     top, bottom = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     top.bar(centers, calibration["accuracy"], width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    gaps = [conf - acc for conf, acc in zip(calibration["confidence"], calibration["accuracy"])]
-    shown = [n > 0 for n in calibration["count"]]
-    top.bar(
-        [x for x, s in zip(centers, shown) if s],
-        [g for g, s in zip(gaps, shown) if s],
-        bottom=[a for a, s in zip(calibration["accuracy"], shown) if s],
-        width=width, color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap to mean confidence",
+    # The mean confidence of each bin as a point: above its bar is overconfident, below underconfident.
+    shown = [i for i, n in enumerate(calibration["count"]) if n > 0]
+    top.plot(
+        [centers[i] for i in shown],
+        [calibration["confidence"][i] for i in shown],
+        "o", color="tab:red", label="mean confidence",
     )  # fmt: skip
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     top.set_xlim(0, 1)
