@@ -25,6 +25,9 @@ from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
 from transfer_cli.restore import Restored, restore
+from transfer_cli.report.run_summary import RunSummary
+from transfer_cli.report.table import print_summary
+from transfer_cli.report.writer import check_report_target, report_document, write_json_stdout, write_report
 from transfer_cli.runs import (
     check_new_or_resumed,
     check_resumable,
@@ -109,6 +112,13 @@ class TransferCLI(LightningCLI):
             )
         if subcommand in ("validate", "test"):
             parser.set_defaults({"verbose": False})  # Lightning's result table would go to stdout
+            parser.add_argument(
+                "--report",
+                type=str | None,
+                default=None,
+                help="Write an evaluation report to this new (or empty) directory: metrics.json, per_class.csv, "
+                "confusion_matrix.png, calibration.png, errors.jsonl; - writes metrics.json to stdout.",
+            )
         if subcommand == "predict":
             parser.add_argument(
                 "--input", type=str | None, default=None, help="Image/text file, folder, or - for stdin."
@@ -257,6 +267,7 @@ class TransferCLI(LightningCLI):
         callbacks.append(CheckpointMetadata(dump["model"], dump["data"]))
         if self.subcommand == "fit":
             callbacks += [NonFiniteLossGuard(), InterruptCheckpoint(), RandomState()]
+            callbacks.append(RunSummary())  # after InterruptCheckpoint: curves at an interrupt need its last.ckpt
         given = self._get(self.config_init, "trainer", default={}).get("callbacks")
         if config.trainer.enable_progress_bar is not False and not _has_progress_bar(given):
             # Given at construction, so Lightning does not add its own bar writing to stdout.
@@ -303,12 +314,24 @@ class TransferCLI(LightningCLI):
             raise
 
     def validate(self, **kwargs: Any) -> None:
+        self._check_report()
         self.datamodule.setup("validate")
         self._run(self.trainer.validate, **kwargs)
 
     def test(self, **kwargs: Any) -> None:
+        self._check_report()
         self.datamodule.setup("test")
         self._run(self.trainer.test, **kwargs)
+
+    def _check_report(self) -> None:
+        """Before any evaluation runs: a report needs a classifier and a new or empty directory."""
+        report = self._subconfig().get("report")
+        if report is not None and not hasattr(self.model, "report_states"):
+            raise ConfigError(
+                f"--report needs a classifier; {type(self.model).__name__} has no classes to report on. "
+                "Drop --report (the loss is printed on stderr)."
+            )
+        check_report_target(report)
 
     def predict(self, **kwargs: Any) -> None:
         output = self.config.predict.get("output")
@@ -341,11 +364,29 @@ class TransferCLI(LightningCLI):
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:
-            print_metrics("validate", _epoch_metrics(self.trainer))
+            self._report("validate")
 
     def after_test(self) -> None:
         if self.trainer.is_global_zero:
-            print_metrics("test", _epoch_metrics(self.trainer))
+            self._report("test")
+
+    def _report(self, subcommand: str) -> None:
+        """The summary table on stderr, and the report where --report asks for one."""
+        evaluation = getattr(self.model, "evaluation", None)
+        if evaluation is None:  # a model without classes (the autoencoder)
+            print_metrics(subcommand, _epoch_metrics(self.trainer))
+            return
+        config = self._subconfig()
+        print_summary(subcommand, evaluation["metrics"])
+        report = config.get("report")
+        if report is None:
+            return
+        data = yaml.safe_load(self._parser(subcommand).dump(config, skip_none=False))["data"]
+        document = report_document(subcommand, config.get("ckpt"), data, evaluation["metrics"])
+        if report == "-":
+            write_json_stdout(document)
+        else:
+            print(f"report: {write_report(report, document, evaluation['errors'])}", file=sys.stderr)
 
 
 def _given(args: list[str], name: str) -> bool:

@@ -1,7 +1,9 @@
 """The one transfer model: an injected backbone, a head sized from it, and a classification loss."""
 
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -10,11 +12,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torch.utils.data import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.errors import ConfigError
 from transfer_cli.heads import LinearHead
+from transfer_cli.report.metrics import summarize
+from transfer_cli.report.states import EvaluationStates, Mistakes
 from transfer_cli.schedules import build, optimizers
 
 HeadFactory = Callable[[int, int], nn.Module]
@@ -81,6 +86,12 @@ class TransferModel(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # The full evaluation report, accumulated only by `transfer validate` and `transfer test`: the
+        # validation inside fit logs the cheap scalars above and nothing else.
+        self.report_states = EvaluationStates(num_classes)
+        self.mistakes = Mistakes()
+        self.evaluation: dict[str, Any] | None = None  # set at the end of validate/test, on every process
+        self._real_left: int | None = None  # examples of this process's share that are not sampler padding
 
     def configure_model(self) -> None:
         if self.compile_modules:
@@ -117,7 +128,54 @@ class TransferModel(L.LightningModule):
         if on_step and self.trainer.is_last_batch:
             # Here rather than in on_train_epoch_end, which runs after the callbacks reporting the epoch.
             self._log_accuracy("train", accuracy)
+        if not on_step and self._evaluating():
+            self._update_report(batch, logits.detach(), labels)
         return loss
+
+    # The evaluation report ---------------------------------------------------------------------
+
+    def _evaluating(self) -> bool:
+        return self.trainer.state.fn in ("validate", "test")
+
+    def _start_report(self, loaders: Any) -> None:
+        self.report_states.reset()
+        self.mistakes.reset()
+        self.evaluation = None
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        sampler = getattr(loader, "sampler", None)
+        self._real_left = None
+        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+            # The sampler pads every process's share to the same length with examples from the start:
+            # the process holding global position i*W + r counts it only if that position is < N.
+            n, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+            self._real_left = max(0, math.ceil((n - rank) / world))
+
+    def _update_report(self, batch: dict[str, Any], logits: torch.Tensor, labels: torch.Tensor) -> None:
+        ids = batch.get("ids")
+        if self._real_left is not None:
+            keep = min(labels.shape[0], self._real_left)
+            self._real_left -= keep
+            logits, labels = logits[:keep], labels[:keep]
+            ids = ids[:keep] if ids is not None else None
+            if keep == 0:
+                return
+        logits = logits.float()
+        probs = logits.softmax(dim=-1)
+        self.report_states.update(probs, labels, F.cross_entropy(logits, labels, reduction="none"))
+        self.mistakes.update(probs, labels, ids)
+
+    def _finish_report(self) -> None:
+        with warnings.catch_warnings():
+            # A process whose share was empty still joins the sum across processes.
+            warnings.filterwarnings("ignore", message=r".*compute.*was called before the .*update.*")
+            figures = summarize(self.report_states.compute(), self.class_names)
+        errors = self.mistakes.rows(self.class_names)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, errors)
+            errors = [row for rows in gathered for row in rows]
+            errors = sorted(errors, key=lambda row: -row["score"])[: self.mistakes.keep]
+        self.evaluation = {"metrics": figures, "errors": errors}
 
     def _log_accuracy(self, stage: str, accuracy: MulticlassAccuracy) -> None:
         if accuracy.update_count:  # compute() syncs the counts across processes under DDP
@@ -125,11 +183,21 @@ class TransferModel(L.LightningModule):
             self.log(f"{stage}_acc", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         accuracy.reset()
 
+    def on_validation_epoch_start(self) -> None:
+        if self._evaluating():
+            self._start_report(self.trainer.val_dataloaders)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_report(self.trainer.test_dataloaders)
+
     def on_validation_epoch_end(self) -> None:
         self._log_accuracy("val", self.val_acc)
+        if self._evaluating():
+            self._finish_report()
 
     def on_test_epoch_end(self) -> None:
         self._log_accuracy("test", self.test_acc)
+        self._finish_report()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", self.train_acc)

@@ -39,7 +39,7 @@ class ImageFiles(Dataset):
             return predict_item(self.paths[index], self.preprocessing)
         p = self.preprocessing
         image = resize_center_crop(read_image(self.paths[index]), p.resize_size, p.crop_size, p.interpolation)
-        return {"inputs": image, "labels": self.labels[index]}
+        return {"inputs": image, "labels": self.labels[index], "ids": str(self.paths[index])}
 
 
 def predict_item(path: Path, preprocessing: ImagePreprocessing) -> dict[str, Any]:

@@ -89,19 +89,22 @@ def download(root: Path) -> None:
 
 
 class _Images(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None):
         self.images, self.labels = images, labels
+        # Each image's row in its source files (the training batches concatenated, or test_batch): the
+        # id an evaluation report names a mistake by.
+        self.ids = torch.arange(len(labels)) if ids is None else ids
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"inputs": self.images[index], "labels": self.labels[index]}
+        return {"inputs": self.images[index], "labels": self.labels[index], "ids": self.ids[index]}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         # The DataLoader fetches a whole batch with one indexing op instead of B calls and a collate.
         index = torch.as_tensor(indices)
-        return {"inputs": self.images[index], "labels": self.labels[index]}
+        return {"inputs": self.images[index], "labels": self.labels[index], "ids": self.ids[index]}
 
 
 def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -177,8 +180,8 @@ class CIFAR10DataModule(ImageDataModule):
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
             n_val = max(1, int(round(self.val_fraction * len(labels))))
             val, train = order[:n_val], order[n_val:]
-            self._splits["train"] = _Images(images[train], labels[train])
-            self._splits["val"] = _Images(images[val], labels[val])
+            self._splits["train"] = _Images(images[train], labels[train], train)
+            self._splits["val"] = _Images(images[val], labels[val], val)
         if stage == "test" and "test" not in self._splits:
             self._splits["test"] = _Images(*read_batch(self._batch_files([TEST_BATCH])[0]))
 

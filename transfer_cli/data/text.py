@@ -42,7 +42,7 @@ class TokenizedTexts(Dataset):
         item = {"features": {key: values[start:end] for key, values in self.features.items()}}
         if self.labels is not None:
             item["label"] = self.labels[index]
-        else:
+        if self.ids:
             item["id"] = self.ids[index]
         return item
 
@@ -61,8 +61,8 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, rows: Rows, max_length: int, wh
     report_truncated(what, len(rows.texts), truncated, max_length)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1, dtype=np.int64)
     features = {key: np.concatenate(parts) for key, parts in chunks.items()}
-    # Labelled rows are named only in error messages, which come before this point.
-    return TokenizedTexts(features, offsets, rows.labels, [] if rows.labels else rows.ids)
+    # Labelled rows keep their ids too: an evaluation report names its mistakes by them.
+    return TokenizedTexts(features, offsets, rows.labels, rows.ids)
 
 
 def encode(
@@ -133,7 +133,8 @@ class PadCollate:
                 mask[row, :length] = 1
         inputs["attention_mask"] = mask
         if "label" in items[0]:
-            return {"inputs": inputs, "labels": torch.stack([item["label"] for item in items])}
+            labels = torch.stack([item["label"] for item in items])
+            return {"inputs": inputs, "labels": labels, "ids": [item.get("id") for item in items]}
         return {"inputs": inputs, "ids": [item["id"] for item in items]}
 
 
