@@ -24,10 +24,10 @@ from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
-from transfer_cli.restore import Restored, restore
 from transfer_cli.report.run_summary import RunSummary
 from transfer_cli.report.table import print_summary
 from transfer_cli.report.writer import check_report_target, report_document, write_json_stdout, write_report
+from transfer_cli.restore import Restored, restore
 from transfer_cli.runs import (
     check_new_or_resumed,
     check_resumable,
