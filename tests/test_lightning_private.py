@@ -6,6 +6,7 @@ In-process and small: Lightning's own demo model, trainers that run a few batche
 
 import inspect
 import io
+import logging
 import pickle
 import sys
 
@@ -15,11 +16,12 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel, DemoModel
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy, fsdp
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset
 
-from transfer_cli import lightning_private
+from transfer_cli import lightning_private, noise
 from transfer_cli.callbacks.progress import TerminalProgressBar
 from transfer_cli.checkpoint import install_safe_loaders
 from transfer_cli.lightning_private import LightningCLIBase, ModelCheckpointHooks, stream_predictions
@@ -256,3 +258,32 @@ def test_lightning_cli_instantiate_trainer_adds_callbacks_to_the_configured_ones
 def test_argparse_keeps_a_parsers_actions_in_underscore_actions(probe_cli):
     names = LightningCLIBase.option_names(probe_cli.subcommand_parser("fit"))
     assert {"--extra", "--trainer.max_epochs", "--ckpt_path"} <= set(names)
+
+
+# Lightning's log lines ---------------------------------------------------------------------------
+
+
+def test_lightning_tips_are_logged_at_info_on_the_rank_zero_loggers_we_filter(tmp_path):
+    """noise.drop_lightning_tips filters loggers by name; the adverts must still come through one of them."""
+    from lightning_utilities.core import rank_zero
+
+    assert rank_zero.log.name in noise._RANK_ZERO_LOGGERS
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in noise._RANK_ZERO_LOGGERS]
+    filters = {logger: logger.filters[:] for logger in loggers}  # an in-process CLI run earlier installs ours
+    for logger in loggers:
+        logger.filters = [f for f in logger.filters if not isinstance(f, noise._DropAdverts)]
+        logger.addHandler(handler)
+    try:
+        _trainer(tmp_path, logger=CSVLogger(tmp_path))
+        assert any("Tip:" in r.getMessage() and "litlogger" in r.getMessage() for r in records)
+        records.clear()
+        noise.drop_lightning_tips()
+        _trainer(tmp_path, logger=CSVLogger(tmp_path))
+        assert not any("Tip:" in r.getMessage() for r in records)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+            logger.filters = filters[logger]
