@@ -21,8 +21,8 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from test_huggingface import make_tiny_bert
 
 from transfer_cli.checkpoint import check_class_paths, install_safe_loaders
+from transfer_cli.checkpoint_io import AtomicCheckpointIO
 from transfer_cli.errors import CheckpointError
-from transfer_cli.safety import AtomicCheckpointIO
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer
 

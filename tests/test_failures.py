@@ -215,7 +215,7 @@ def test_unwritable_output_locations_exit_6(tmp_path, trained, cifar_root, image
 
 
 def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, cifar_root, monkeypatch):
-    import transfer_cli.safety as safety
+    import transfer_cli.checkpoint_io as safety
     from transfer_cli.entry import main
 
     real_open, writes, before = open, [], {}
@@ -240,7 +240,7 @@ def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, cifar
 def test_disk_full_while_predicting_leaves_no_file_under_the_final_name(
     tmp_path, trained, imagefolder_root, monkeypatch
 ):
-    import transfer_cli.writer as writer
+    import transfer_cli.callbacks.prediction_writer as writer
     from transfer_cli.entry import main
 
     real_open = open

@@ -262,7 +262,7 @@ class _FullDisk:
 
 def test_disk_full_leaves_neither_the_file_nor_its_temporary(tmp_path, image_ckpt, imagefolder_root, monkeypatch):
     """On a real full disk, closing the temporary file fails too (its buffer cannot be flushed)."""
-    import transfer_cli.writer as writer
+    import transfer_cli.callbacks.prediction_writer as writer
     from transfer_cli.entry import main
 
     real_open = open

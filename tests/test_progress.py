@@ -25,7 +25,7 @@ from test_huggingface import make_tiny_bert
 from torch.utils.data import DataLoader, IterableDataset
 
 from transfer_cli.backbones import torchvision as tv
-from transfer_cli.progress import LineProgressBar
+from transfer_cli.callbacks.progress import LineProgressBar
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer
 

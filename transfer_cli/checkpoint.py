@@ -6,7 +6,6 @@ preprocessing and the versions, in plain types only, so the file loads with `wei
 """
 
 import base64
-import functools
 import importlib.util
 import json
 import lzma
@@ -21,7 +20,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from transfer_cli import lightning_private
 from transfer_cli.errors import CheckpointError
+from transfer_cli.lightning_private import reads_safely  # noqa: F401 (moved there; importable here as before)
 
 FORMAT_VERSION = 1
 ALLOWED_CLASS_PREFIXES = ("transfer_cli.", "torch.", "torchvision.", "lightning.", "transformers.", "timm.")
@@ -287,48 +288,11 @@ def load_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path: str |
         ) from err
 
 
-def reads_safely(load: Any) -> Any:
-    """Marks a CheckpointIO.load_checkpoint that goes through read_checkpoint (see install_safe_loaders)."""
-    load.transfer_reads_safely = True
-    return load
-
-
 def install_safe_loaders() -> None:
     """Make read_checkpoint the only way a trainer loads a checkpoint, whatever the strategy.
 
-    Strategies that shard (FSDP, ModelParallel, DeepSpeed) override Strategy.load_checkpoint and read
-    the file past the trainer's checkpoint_io: FSDP through its own Unpickler, which runs any code a
-    pickle names, the others with weights_only left to torch's default (which an environment
-    variable turns off). Every such method is wrapped once, here, before any trainer exists.
+    Strategies that shard (FSDP, ModelParallel, DeepSpeed) read the file past the trainer's
+    checkpoint_io, FSDP through an Unpickler of its own that runs any code a pickle names; every such
+    loader is wrapped once, before any trainer exists (how: lightning_private.install_safe_loaders).
     """
-    from lightning.pytorch.strategies import Strategy, fsdp
-
-    for cls in _subclasses(Strategy):
-        load = vars(cls).get("load_checkpoint")
-        if load is not None and not getattr(load, "transfer_reads_safely", False):
-            cls.load_checkpoint = _checked_first(load, through_io=cls is Strategy)
-    # FSDP reads a full checkpoint file with a lazy Unpickler of its own; plain data loads as well eagerly.
-    fsdp._lazy_load = _load_plain_data
-
-
-def _subclasses(cls: type) -> list[type]:
-    found = [cls]
-    for sub in cls.__subclasses__():
-        found += _subclasses(sub)
-    return found
-
-
-def _checked_first(load: Any, through_io: bool) -> Any:
-    @functools.wraps(load)
-    def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        # The base class hands the file to checkpoint_io; ours reads it safely, and once is enough.
-        if not (through_io and getattr(self.checkpoint_io.load_checkpoint, "transfer_reads_safely", False)):
-            read_checkpoint(checkpoint_path)  # refuses, before the strategy unpickles anything
-        return load(self, checkpoint_path, weights_only=True)
-
-    load_checkpoint.transfer_reads_safely = True
-    return load_checkpoint
-
-
-def _load_plain_data(path: Any) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    lightning_private.install_safe_loaders(read_checkpoint)

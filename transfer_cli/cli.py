@@ -17,12 +17,19 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transfer_cli.callbacks.checkpoint_policy import RunCheckpoint
+from transfer_cli.callbacks.interrupt import InterruptCheckpoint
+from transfer_cli.callbacks.nonfinite import NonFiniteLossGuard
+from transfer_cli.callbacks.prediction_writer import PredictionWriter, output_format
+from transfer_cli.callbacks.progress import print_metrics, progress_bar
+from transfer_cli.callbacks.rng_state import RandomState
 from transfer_cli.checkpoint import CheckpointMetadata, install_safe_loaders, read_checkpoint
+from transfer_cli.checkpoint_io import AtomicCheckpointIO
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.finetuning import BackboneFinetuning
+from transfer_cli.lightning_private import StreamingPredictionLoop
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
-from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
 from transfer_cli.report.run_summary import RunSummary
 from transfer_cli.report.table import print_summary
@@ -40,14 +47,6 @@ from transfer_cli.runs import (
     remove_empty_run,
     resolve_last,
 )
-from transfer_cli.safety import (
-    AtomicCheckpointIO,
-    InterruptCheckpoint,
-    NonFiniteLossGuard,
-    RandomState,
-    RunCheckpoint,
-)
-from transfer_cli.writer import PredictionWriter, StreamingPredictionLoop, output_format
 
 CKPT_SUBCOMMANDS = ("validate", "test", "predict")
 
