@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from transfer_cli.backbones.base import ImagePreprocessing
+from transfer_cli.callbacks.finetuning import FinetuningPolicy
 from transfer_cli.checkpoint import (
     CheckpointMetadata,
     config_from_checkpoint,
@@ -26,7 +26,6 @@ from transfer_cli.checkpoint import (
 )
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
-from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.progress import print_metrics, progress_bar
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
@@ -88,7 +87,7 @@ class TransferCLI(LightningCLI):
     # Parser -----------------------------------------------------------------------------------
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(BackboneFinetuning, "finetuning")
+        parser.add_lightning_class_args(FinetuningPolicy, "finetuning")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -233,15 +232,15 @@ class TransferCLI(LightningCLI):
         self._resumed_run = check_new_or_resumed(config)
 
     def after_instantiate_classes(self) -> None:
+        # Downloads (and a missing data directory) surface here, before any work or output; Lightning's
+        # own call in fit then finds the data in place.
+        self.datamodule.prepare_data()
         self.datamodule.connect(self.model.backbone)
         if self._checkpoint is not None:
             ckpt = self._subconfig().ckpt
             check_same_classes(self._checkpoint["transfer"]["class_names"], self.datamodule, ckpt)
             load_weights(self.model, self._checkpoint, ckpt)
-            stored = self._checkpoint["transfer"].get("preprocessing")
-            if stored is not None and hasattr(self.datamodule, "use_preprocessing"):
-                # What the model was trained with, even if a newer torchvision describes the weights anew.
-                self.datamodule.use_preprocessing(ImagePreprocessing.from_dict(stored))
+            self.datamodule.use_stored_preprocessing(self._checkpoint["transfer"].get("preprocessing"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._subconfig()
@@ -266,7 +265,7 @@ class TransferCLI(LightningCLI):
 
     def fit(self, **kwargs: Any) -> None:
         for callback in self.trainer.callbacks:
-            if isinstance(callback, BackboneFinetuning):
+            if isinstance(callback, FinetuningPolicy):
                 # Before Lightning starts the other processes: an error after that ends them all at once.
                 callback.check_devices(self.trainer.num_devices * self.trainer.num_nodes)
         # Data errors surface here, before the logger creates a run directory or workers start.

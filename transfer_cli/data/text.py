@@ -11,13 +11,13 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from transfer_cli.data.base import read_line_batches
+from transfer_cli.data.base import TransferDataModule
+from transfer_cli.data.lines import read_line_batches
 from transfer_cli.data.text_records import TABLE_SUFFIXES, Rows, field_text, read_records
 from transfer_cli.errors import ConfigError, DataError
 
@@ -162,8 +162,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
         yield from (batches[i] for i in torch.randperm(len(batches)).tolist())
 
 
-class TextDataModule(L.LightningDataModule):
-    """Base class: subclasses say where each split's labelled rows come from (`split_rows`)."""
+class TextDataModule(TransferDataModule):
+    """Base of the text datamodules: subclasses say where each split's labelled rows come from (`split_rows`)."""
 
     skip_labels: tuple[str, ...] = ()  # labels that mean "no gold label": such rows are dropped and counted
     drop_empty: bool = False  # drop (and count) training rows with an empty text instead of failing
@@ -180,18 +180,16 @@ class TextDataModule(L.LightningDataModule):
         group_by_length: bool,
         predict_input: str | None,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, predict_input)
         self.group_by_length = group_by_length
         if len(text_columns) not in (1, 2):
             raise ConfigError(f"data.text_columns: one column (a sentence) or two (a pair), not {list(text_columns)}.")
         self.text_columns = tuple(text_columns)
         self.label_column, self.id_column = label_column, id_column
         self.class_names: list[str] = list(class_names) if class_names is not None else []
-        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
-        self.predict_input = predict_input
+        self.max_length = max_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._collate: PadCollate | None = None
-        self._datasets: dict[str, TokenizedTexts] = {}
 
     def connect(self, backbone: Any) -> None:
         """Take the backbone's tokenizer: the text must be cut into the pieces its weights know."""
@@ -218,9 +216,11 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             raise ConfigError(f"{type(self).__name__}.connect(backbone) must be called before setup.")
-        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ()):
-            if split not in self._datasets:  # tokenized once, whatever the number of epochs
-                self._datasets[split] = tokenize(self.tokenizer, self.split_rows(split), self.max_length, split)
+        super().setup(stage)
+
+    def load_split(self, split: str) -> TokenizedTexts:
+        # Tokenized once here, whatever the number of epochs.
+        return tokenize(self.tokenizer, self.split_rows(split), self.max_length, split)
 
     def texts(self, record: dict[str, Any], where: str, drop_empty: bool = False) -> tuple[str, ...] | None:
         """The row's text(s); an empty one is an error, or None with drop_empty."""
@@ -332,20 +332,14 @@ class TextDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._datasets["train"]
-        if not self.group_by_length:
-            return self._loader(dataset, shuffle=True)
+    def split_loader(self, split: str) -> DataLoader:
+        dataset = self._splits[split]
+        if split != "train" or not self.group_by_length:
+            return self._loader(dataset, shuffle=split == "train")
         if self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError("data.group_by_length works on one device; turn it off for multi-device runs.")
         batches = LengthGroupedBatches(np.diff(dataset.offsets), self.batch_size)
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["val"], shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["test"], shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_input is None:
