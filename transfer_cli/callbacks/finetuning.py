@@ -63,7 +63,10 @@ class FinetuningPolicy(BaseFinetuning):
         if stage != "fit" or self.strategy != "frozen" or not self.cache_features:
             return
         datamodule = trainer.datamodule
-        reason = can_cache(trainer, datamodule) if isinstance(datamodule, TransferDataModule) else "no datamodule"
+        if isinstance(datamodule, TransferDataModule):  # the data serves the cache
+            reason = can_cache(trainer, datamodule)
+        else:
+            reason = "the data does not come from a transfer datamodule (transfer_cli.data)"
         if reason is None:
             datamodule.use_cached_features(trainer, pl_module.backbone)
         else:
