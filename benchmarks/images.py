@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cli.backbones import TorchvisionBackbone
-from transfer_cli.data.base import ImageDataModule
 from transfer_cli.data.image_ops import random_crop_flip, resize_center_crop
+from transfer_cli.data.images import ImageDataModule
 from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.heads import LinearHead
 from transfer_cli.model import TransferModel
@@ -46,15 +46,10 @@ class SyntheticImageData(ImageDataModule):
         self.class_names = list(CLASSES)
         self.count, self.val_count = count, val_count or batch_size
 
-    def setup(self, stage: str) -> None:
-        self.train = SyntheticImages(self.count, num_classes=len(CLASSES))
-        self.val = SyntheticImages(self.val_count, num_classes=len(CLASSES), seed=1)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
+    def load_split(self, split: str) -> SyntheticImages:
+        if split == "train":
+            return SyntheticImages(self.count, num_classes=len(CLASSES))
+        return SyntheticImages(self.val_count, num_classes=len(CLASSES), seed=1)
 
 
 # The transfer side ---------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def test_cifar_accepts_the_batches_dir_itself_and_latin1_style_pickles(cifar_roo
 
 
 def test_cifar_missing_directory_names_where_it_looked(tmp_path):
+    data = CIFAR10DataModule(str(tmp_path / "nowhere"))  # building it reads nothing: preparing the data looks
     with pytest.raises(DataError, match=str(tmp_path / "nowhere")):
-        CIFAR10DataModule(str(tmp_path / "nowhere"))
+        data.prepare_data()
 
 
 def test_cifar_download_offline_says_how_to_supply_the_data(tmp_path, monkeypatch):
@@ -50,7 +51,7 @@ def test_cifar_download_offline_says_how_to_supply_the_data(tmp_path, monkeypatc
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match="cifar-10-batches-py"):
-        CIFAR10DataModule(str(tmp_path), download=True)
+        CIFAR10DataModule(str(tmp_path), download=True).prepare_data()
     assert not list(tmp_path.glob("*.part"))
 
 
@@ -124,8 +125,8 @@ def test_file_images_and_in_memory_images_reach_the_backbone_alike(cifar_root, t
     """The same picture from a PNG file (ImageFolder, predict) and from the CIFAR pickle (training)
     must give the backbone the same tensor, at the native size and upscaled."""
     from transfer_cli.backbones import ImagePreprocessing
-    from transfer_cli.data.base import ImageFiles
     from transfer_cli.data.image_ops import BatchImageTransform
+    from transfer_cli.data.images import ImageFiles
 
     images, _ = read_batch(cifar_root / "cifar-10-batches-py" / "test_batch")
     path = tmp_path / "first.png"

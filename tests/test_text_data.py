@@ -104,7 +104,7 @@ def test_unknown_label_fails_with_file_and_line(glue, tmp_path):
 
 def test_missing_data_names_the_directory_and_the_way_out(tmp_path):
     with pytest.raises(DataError, match=rf"{tmp_path}.*--data\.download true"):
-        MNLIDataModule(root=str(tmp_path))
+        MNLIDataModule(root=str(tmp_path)).prepare_data()
 
 
 def test_download_failure_is_a_data_error_naming_the_directory(tmp_path, monkeypatch):
@@ -113,7 +113,7 @@ def test_download_failure_is_a_data_error_naming_the_directory(tmp_path, monkeyp
 
     monkeypatch.setattr(mnli_module.urllib.request, "urlopen", offline)
     with pytest.raises(DataError, match=rf"Could not download MNLI.*{tmp_path}"):
-        MNLIDataModule(root=str(tmp_path), download=True)
+        MNLIDataModule(root=str(tmp_path), download=True).prepare_data()
 
 
 def test_download_unpacks_the_glue_archive(glue, tmp_path, monkeypatch):
@@ -123,6 +123,7 @@ def test_download_unpacks_the_glue_archive(glue, tmp_path, monkeypatch):
             zipped.write(glue / name, f"MNLI/{name}")
     monkeypatch.setattr(mnli_module.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(archive.getvalue()))
     data = MNLIDataModule(root=str(tmp_path / "glue"), download=True)
+    data.prepare_data()
     assert data.data_dir == tmp_path / "glue" / "MNLI"
     assert len(data.split_rows("train").texts) == 6
 

@@ -17,8 +17,8 @@ from test_huggingface import make_tiny_bert
 
 from transfer_cli.backbones import ImagePreprocessing
 from transfer_cli.data import CIFAR10DataModule, ImageFolderDataModule, TextClassificationDataModule
-from transfer_cli.data.base import list_image_inputs
 from transfer_cli.data.image_ops import read_image, resize_center_crop
+from transfer_cli.data.images import list_image_inputs
 from transfer_cli.errors import ConfigError, DataError
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer

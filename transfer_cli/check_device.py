@@ -17,8 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from transfer_cli.callbacks.finetuning import FinetuningPolicy
 from transfer_cli.feature_cache import can_cache
-from transfer_cli.finetuning import BackboneFinetuning
 
 # Timed after one warm-up step (first-step allocations, cudnn autotuning, lazy init). On a CPU a full-size
 # model's step takes seconds and varies little from step to step, so one timed step keeps check quick.
@@ -70,12 +70,12 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
-def _finetuning(trainer: L.Trainer) -> BackboneFinetuning | None:
-    callback = next((c for c in trainer.callbacks if isinstance(c, BackboneFinetuning)), None)
+def _finetuning(trainer: L.Trainer) -> FinetuningPolicy | None:
+    callback = next((c for c in trainer.callbacks if isinstance(c, FinetuningPolicy)), None)
     if callback is None:
         return None
     # A fresh one per run (BaseFinetuning keeps per-fit state); the cache would encode the whole data set.
-    return BackboneFinetuning(callback.strategy, callback.unfreeze_at_epoch, callback.backbone_warmup_steps, False)
+    return FinetuningPolicy(callback.strategy, callback.unfreeze_at_epoch, callback.backbone_warmup_steps, False)
 
 
 def run_steps(model: Any, datamodule: Any, trainer: L.Trainer, steps: int, eval_steps: int) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def _run_seconds(trainer: L.Trainer, train: int, val: int, epochs: int, train_s:
 
 
 def _feature_cache(trainer: L.Trainer, datamodule: Any) -> str:
-    finetuning = next((c for c in trainer.callbacks if isinstance(c, BackboneFinetuning)), None)
+    finetuning = next((c for c in trainer.callbacks if isinstance(c, FinetuningPolicy)), None)
     if finetuning is None or finetuning.strategy != "frozen":
         return "not used (the backbone trains)"
     if not finetuning.cache_features:

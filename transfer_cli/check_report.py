@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 
 from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.finetuning import BackboneFinetuning
+from transfer_cli.callbacks.finetuning import FinetuningPolicy
 
 # A class is flagged when it has fewer examples than this fraction of the median class, or than MIN_EXAMPLES.
 FEW_FRACTION = 0.1
@@ -74,7 +74,7 @@ def _few(per_class: dict[str, int]) -> list[str]:
 
 def model_summary(model: Any, trainer: Any) -> dict[str, Any]:
     """Parameters in total and trainable at the first step under the finetuning strategy."""
-    strategy = next((c.strategy for c in trainer.callbacks if isinstance(c, BackboneFinetuning)), "full")
+    strategy = next((c.strategy for c in trainer.callbacks if isinstance(c, FinetuningPolicy)), "full")
     total = sum(p.numel() for p in model.parameters())
     backbone = getattr(model, "backbone", None)
     frozen = sum(p.numel() for p in backbone.parameters()) if backbone is not None and strategy != "full" else 0

@@ -89,15 +89,14 @@ class CheckpointMetadata(Callback):
         self.data_config = data_config
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        datamodule = trainer.datamodule
-        preprocessing = getattr(datamodule, "preprocessing", None)
+        datamodule = trainer.datamodule  # a TransferDataModule: the CLI builds no other
         checkpoint["transfer"] = {
             "format_version": FORMAT_VERSION,
             "model": self.model_config,
             "data": self.data_config,
             "class_names": list(getattr(pl_module, "class_names", []) or []),
             "backbone_offline_init_args": pl_module.backbone.offline_init_args(),
-            "preprocessing": preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else None,
+            "preprocessing": datamodule.preprocessing_config(),
             "versions": _versions(),
         }
 

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.callbacks.checkpoint_policy import RunCheckpoint
+from transfer_cli.callbacks.finetuning import FinetuningPolicy
 from transfer_cli.callbacks.interrupt import InterruptCheckpoint
 from transfer_cli.callbacks.nonfinite import NonFiniteLossGuard
 from transfer_cli.callbacks.prediction_writer import PredictionWriter, output_format
@@ -27,7 +28,6 @@ from transfer_cli.checkpoint import CheckpointMetadata, install_safe_loaders, re
 from transfer_cli.checkpoint_io import AtomicCheckpointIO
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
-from transfer_cli.finetuning import BackboneFinetuning
 from transfer_cli.lightning_private import StreamingPredictionLoop
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
@@ -87,7 +87,7 @@ class TransferCLI(LightningCLI):
     # Parser -----------------------------------------------------------------------------------
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(BackboneFinetuning, "finetuning")
+        parser.add_lightning_class_args(FinetuningPolicy, "finetuning")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -252,6 +252,9 @@ class TransferCLI(LightningCLI):
         self._resumed_run = check_new_or_resumed(config)
 
     def after_instantiate_classes(self) -> None:
+        # Downloads (and a missing data directory) surface here, before any work or output; Lightning's
+        # own call in fit then finds the data in place.
+        self.datamodule.prepare_data()
         if self._restored is None:
             self.datamodule.connect(self.model.backbone)
             return
@@ -293,7 +296,7 @@ class TransferCLI(LightningCLI):
 
     def _check_devices(self) -> None:
         for callback in self.trainer.callbacks:
-            if isinstance(callback, BackboneFinetuning):
+            if isinstance(callback, FinetuningPolicy):
                 # Before Lightning starts the other processes: an error after that ends them all at once.
                 callback.check_devices(self.trainer.num_devices * self.trainer.num_nodes)
 

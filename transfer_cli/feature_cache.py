@@ -1,5 +1,8 @@
 """Frozen-feature caching: with a frozen backbone and no random augmentation, every epoch would
 compute the same features again. They are computed once, and the head trains on them from then on.
+
+The datamodule serves the cached batches (TransferDataModule.use_cached_features) when the
+finetuning policy asks; this module computes them and replays the loader they replace.
 """
 
 import sys
@@ -8,32 +11,29 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, TensorDataset
 
 
 def can_cache(trainer: L.Trainer, datamodule: Any) -> str | None:
-    """Why caching is off for this run, or None when it can be used."""
-    if datamodule is None:
-        return "no datamodule"
-    if getattr(datamodule, "augment", False):
+    """Why caching is off for this run, or None when it can be used. `datamodule` is a TransferDataModule."""
+    if datamodule.random_augmentation():
         return "random augmentation changes the inputs every epoch (set data.augment false to cache)"
     if trainer.world_size > 1:
         return "several devices (each would need its own shard of the cache)"
     if trainer.reload_dataloaders_every_n_epochs:
         return "dataloaders are reloaded every epoch"
-    if trainer.fast_dev_run or not _whole(trainer.limit_train_batches) or trainer.overfit_batches:
+    if trainer.fast_dev_run or not whole(trainer.limit_train_batches) or trainer.overfit_batches:
         return "the run uses part of the data (fast_dev_run, limit_train_batches or overfit_batches)"
     return None
 
 
-def _whole(limit: int | float) -> bool:
+def whole(limit: int | float) -> bool:
     # Lightning reads an int as a number of batches and a float as a fraction: 1 is one batch, 1.0 all.
     return isinstance(limit, float) and limit == 1.0
 
 
 @torch.inference_mode()
-def compute_features(trainer: L.Trainer, pl_module: L.LightningModule, loader: DataLoader) -> TensorDataset:
+def compute_features(trainer: L.Trainer, backbone: torch.nn.Module, loader: DataLoader) -> TensorDataset:
     """One pass of the frozen backbone over a loader's dataset, in dataset order, kept in host memory
     (pinned on CUDA machines): a large data set's features would not fit beside the model on the device.
 
@@ -42,7 +42,7 @@ def compute_features(trainer: L.Trainer, pl_module: L.LightningModule, loader: D
     """
     device = trainer.strategy.root_device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        features, labels = _features_in_order(trainer, pl_module.backbone.to(device).eval(), loader, device)
+        features, labels = _features_in_order(trainer, backbone.to(device).eval(), loader, device)
     if torch.cuda.is_available():
         features, labels = features.pin_memory(), labels.pin_memory()
     return TensorDataset(features, labels)
@@ -70,7 +70,7 @@ def _features_in_order(
     return torch.cat(features), torch.cat(labels)
 
 
-class _FeatureBatches:
+class FeatureBatches:
     """Batches of cached features, in the dict layout the model's steps take, in exactly the order the
     replaced loader would have given its examples.
 
@@ -103,23 +103,30 @@ class _FeatureBatches:
             yield {"features": self.features[index], "labels": self.labels[index]}
 
 
-def use_cached_features(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-    """Replace the datamodule's train and val loaders with loaders over cached features."""
-    datamodule = trainer.datamodule
+class CachedFeatures:
+    """One split's features and the loader they stand in for; each request for the split's loader
+    gets fresh batches over them, as each request would have got a fresh loader."""
+
+    def __init__(self, features: TensorDataset, like: DataLoader):
+        self.features, self.like = features, like
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batches(self) -> FeatureBatches:
+        return FeatureBatches(self.features, self.like)
+
+
+def cache_features(
+    trainer: L.Trainer, backbone: torch.nn.Module, loaders: dict[str, DataLoader]
+) -> dict[str, CachedFeatures]:
+    """The features of every example the given loaders hold, by split, and a line on stderr saying so."""
     start = time.perf_counter()
-    train_loader = datamodule.train_dataloader()
-    train = compute_features(trainer, pl_module, train_loader)
-    # Instance attributes shadow the datamodule's methods: Lightning asks the datamodule for its
-    # loaders by name, and the datamodule classes stay unaware of the cache.
-    datamodule.train_dataloader = lambda: _FeatureBatches(train, train_loader)
-    cached = f"{len(train)} train"
-    if _whole(trainer.limit_val_batches) and is_overridden("val_dataloader", datamodule):
-        val_loader = datamodule.val_dataloader()
-        val = compute_features(trainer, pl_module, val_loader)
-        datamodule.val_dataloader = lambda: _FeatureBatches(val, val_loader)
-        cached += f" and {len(val)} val"
+    cached = {split: CachedFeatures(compute_features(trainer, backbone, like), like) for split, like in loaders.items()}
+    counts = " and ".join(f"{len(features)} {split}" for split, features in cached.items())
     print(
-        f"transfer: cached frozen features of {cached} examples in {time.perf_counter() - start:.1f}s; "
+        f"transfer: cached frozen features of {counts} examples in {time.perf_counter() - start:.1f}s; "
         "the head trains on them from now on",
         file=sys.stderr,
     )
+    return cached

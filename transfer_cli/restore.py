@@ -87,8 +87,7 @@ class Restored:
         """Give the data what the model was trained with: the backbone's tokenizer or transform, then
         the stored image preprocessing, even if a newer torchvision describes the weights anew."""
         datamodule.connect(model.backbone)
-        if self.preprocessing is not None and hasattr(datamodule, "use_preprocessing"):
-            datamodule.use_preprocessing(self.preprocessing)
+        datamodule.use_stored_preprocessing(self.checkpoint["transfer"].get("preprocessing"))
 
 
 def restore(path: str | Path, option: str = "--ckpt") -> Restored:

@@ -11,7 +11,8 @@ from transfer_cli.errors import CheckpointError, ConfigError, ResourceError
 
 
 def check_same_classes(expected: list[str], datamodule: Any, ckpt: str) -> None:
-    found = datamodule.data_class_names() if hasattr(datamodule, "data_class_names") else None
+    """`datamodule` is a TransferDataModule: its files name the classes, or it returns None."""
+    found = datamodule.data_class_names()
     if found is None or list(found) == list(expected):
         return
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))

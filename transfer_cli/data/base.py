@@ -1,229 +1,116 @@
-"""What every image datamodule shares: class names, the backbone's preprocessing, batches on device."""
+"""The datamodule contract: what the CLI, the model and the finetuning policy may rely on, for images
+and text alike, so none of them asks a datamodule what it can do."""
 
 import os
-import select
-import sys
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
-from pathlib import Path
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
-from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.data.image_ops import IMAGE_SUFFIXES, BatchImageTransform, find_images, read_image, resize_center_crop
-from transfer_cli.errors import EXIT_TERMINATED, ConfigError, DataError, Interrupted
+from transfer_cli.feature_cache import CachedFeatures, cache_features, whole
+
+# The splits each stage reads: evaluating needs neither the training files nor their folder.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-class ImageFiles(Dataset):
-    """Image files decoded and brought to the backbone's input size in the loader workers."""
-
-    def __init__(self, paths: list[Path], preprocessing: ImagePreprocessing, labels: list[int] | None = None):
-        self.paths = paths
-        self.labels = labels
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if self.labels is None:
-            return predict_item(self.paths[index], self.preprocessing)
-        p = self.preprocessing
-        image = resize_center_crop(read_image(self.paths[index]), p.resize_size, p.crop_size, p.interpolation)
-        return {"inputs": image, "labels": self.labels[index], "ids": str(self.paths[index])}
+def seeded_split(count: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(validation, training) indices of `count` examples held in one pool: a seeded permutation whose
+    first round(val_fraction * count), at least one, validate. A function of its arguments alone, so
+    `validate` holds out the very examples `fit` held out."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(val_fraction * count))
+    return order[:n_val], order[n_val:]
 
 
-def predict_item(path: Path, preprocessing: ImagePreprocessing) -> dict[str, Any]:
-    """One input to predict on. An unreadable file becomes a blank image and its error, so the writer
-    (in the main process, in input order) decides between an error row and stopping after the rows
-    before it; a worker raising instead would lose the good rows of the same batch."""
-    p = preprocessing
-    try:
-        image = resize_center_crop(read_image(path), p.resize_size, p.crop_size, p.interpolation)
-    except DataError as err:
-        blank = torch.zeros(3, p.crop_size, p.crop_size, dtype=torch.uint8)
-        return {"inputs": blank, "ids": str(path), "errors": str(err)}
-    return {"inputs": image, "ids": str(path), "errors": None}
+class TransferDataModule(L.LightningDataModule, ABC):
+    """Base of every datamodule. `__init__` states the class names and reads nothing else (a
+    checkpoint restored on another machine builds its datamodule without the training data);
+    `prepare_data` downloads; `setup(stage)` reads that stage's files only."""
 
+    # Init parameters that describe this machine rather than the experiment: a checkpoint's stored
+    # config drops them, so that it runs where the data lives elsewhere.
+    machine_specific: tuple[str, ...] = ("root",)
 
-def collate_predict(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "inputs": torch.stack([item["inputs"] for item in items]),
-        "ids": [item["ids"] for item in items],
-        "errors": [item["errors"] for item in items],
-    }
-
-
-def list_image_inputs(spec: str) -> list[Path]:
-    """An image file or a folder (searched recursively, sorted); stdin is read by StdinImages."""
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = find_images(path)  # hidden folders and files (.git, .DS_Store, ._IMG.jpg) left out
-        if not files:
-            raise DataError(f"No image files ({', '.join(IMAGE_SUFFIXES)}) under {path} (--input).")
-        return files
-    raise DataError(f"Input not found: {path} (--input). Give an image file, a folder, or - for paths on stdin.")
-
-
-class StdinImages(IterableDataset):
-    """Image paths read from stdin as they arrive, decoded by a pool of threads, batched in input order.
-
-    Loader worker processes cannot share one stdin and keep its order, so this runs in the main
-    process (num_workers=0) and decodes each batch on `threads` threads instead (PIL and torch
-    release the GIL while decoding and resizing). Memory holds one batch, whatever the stream's length.
-    """
-
-    def __init__(self, preprocessing: ImagePreprocessing, batch_size: int, threads: int, stopped: Callable[[], bool]):
-        self.preprocessing, self.batch_size, self.threads, self.stopped = preprocessing, batch_size, threads, stopped
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        empty = True
-        with ThreadPoolExecutor(max(1, self.threads)) as pool:
-            for lines in read_line_batches(sys.stdin, self.batch_size, self.stopped):
-                empty = False
-                paths = [Path(os.fsdecode(line.strip())) for _, line in lines]
-                yield collate_predict(list(pool.map(predict_item, paths, repeat(self.preprocessing))))
-        if empty:
-            raise DataError("No image paths on stdin (--input -): give one path per line.")
-
-
-def read_line_batches(
-    stream: Any, batch_size: int, stopped: Callable[[], bool], idle_s: float = 0.05
-) -> Iterator[list[tuple[int, bytes]]]:
-    """The non-blank lines of `stream` as (line number, bytes), in batches of up to `batch_size`.
-
-    A batch goes out when it is full or as soon as the producer pauses for `idle_s`, so rows flow
-    while the producer still writes (a line at a time, or a request waiting for its answer) and
-    full batches form when input comes fast. Reading the raw descriptor, not Python's buffered
-    lines, is what lets select() tell "nothing more yet" from "more already here".
-    """
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):  # an in-memory stream: everything is already here
-        yield from _batched(enumerate((line.encode() for line in stream), start=1), batch_size)
-        return
-    batch: list[tuple[int, bytes]] = []
-    rest, line_no = b"", 0
-    while True:
-        if batch and not _wait_readable(fd, stopped, idle_s):
-            yield batch
-            batch = []
-        _wait_readable(fd, stopped, None)
-        chunk = os.read(fd, 1 << 16)
-        *lines, rest = (rest + chunk).split(b"\n") if chunk else [rest, b""]
-        for line in lines:
-            line_no += 1
-            if line.strip():
-                batch.append((line_no, line.rstrip(b"\r")))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if not chunk:
-            break
-    if batch:
-        yield batch
-
-
-def _batched(numbered: Iterator[tuple[int, bytes]], batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
-    batch = []
-    for line_no, line in numbered:
-        line = line.rstrip(b"\r\n")
-        if line.strip():
-            batch.append((line_no, line))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _wait_readable(fd: int, stopped: Callable[[], bool], timeout: float | None) -> bool:
-    """Whether `fd` has data (or EOF) within `timeout` seconds (None: wait for it). Waits in short
-    slices: Lightning only notes a SIGTERM, and a run blocked on a silent producer must still end."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        if stopped():
-            raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
-        left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
-        if select.select([fd], [], [], max(0.0, left))[0]:
-            return True
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-
-
-class ImageDataModule(L.LightningDataModule):
-    """Base class: subclasses load their train/val/test datasets in `setup` and set `class_names`."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        num_workers: int | None,
-        augment: bool,
-        predict_input: str | None,
-    ):
+    def __init__(self, batch_size: int, num_workers: int, predict_input: str | None):
         super().__init__()
-        self.batch_size = batch_size
-        self.num_workers = default_workers() if num_workers is None else num_workers
-        self.augment = augment
-        self.predict_input = predict_input
-        self.preprocessing: ImagePreprocessing | None = None
-        self._transform: BatchImageTransform | None = None
+        self.batch_size, self.num_workers, self.predict_input = batch_size, num_workers, predict_input
         self.class_names: list[str] = []
+        self._splits: dict[str, Dataset] = {}
+        self._cached: dict[str, CachedFeatures] = {}
 
+    # What the model and a checkpoint need ---------------------------------------------------
+
+    def data_class_names(self) -> list[str] | None:
+        """The classes the data files name, to compare with a checkpoint's; None when the files
+        cannot tell (no data given, or a format whose labels are only known by reading every row)."""
+        return None
+
+    @abstractmethod
     def connect(self, backbone: Any) -> None:
-        """Take the preprocessing the backbone's weights expect."""
-        preprocessing = backbone.preprocessing()
-        if not isinstance(preprocessing, ImagePreprocessing):
-            raise ConfigError(
-                f"{type(self).__name__} holds images, but the backbone {type(backbone).__name__} expects "
-                "text. Pair image data with an image backbone."
-            )
-        self.use_preprocessing(preprocessing)
+        """Take what the backbone's weights expect of their inputs (image preprocessing, tokenizer)."""
 
-    def use_preprocessing(self, preprocessing: ImagePreprocessing) -> None:
-        self.preprocessing = preprocessing
-        self._transform = BatchImageTransform(preprocessing)
+    def preprocessing_config(self) -> dict[str, Any] | None:
+        """The input preprocessing to store in a checkpoint; None where the backbone alone rebuilds it."""
+        return None
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if "inputs" not in batch:  # cached features: nothing left to preprocess
-            return batch
-        augment = self.augment and self.trainer is not None and self.trainer.training
-        batch["inputs"] = self._transform(batch["inputs"], augment=augment)
-        return batch
+    def use_stored_preprocessing(self, stored: dict[str, Any] | None) -> None:
+        """Preprocess as the checkpoint's model was trained (its stored `preprocessing_config`)."""
 
-    def _loader(self, dataset: Dataset, shuffle: bool, collate_fn: Any = None) -> DataLoader:
-        # No more workers than batches: starting processes costs more than a batch or two of images.
-        workers = max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            collate_fn=collate_fn,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-        )
+    def random_augmentation(self) -> bool:
+        """Whether training inputs change randomly from epoch to epoch (then features cannot be cached)."""
+        return False
 
-    def predict_dataloader(self) -> DataLoader:
-        if self.predict_input is None:
-            raise ConfigError("Nothing to predict: give --input PATH (an image, a folder, or - for stdin).")
-        if self.predict_input == "-":
-            stream = StdinImages(self.preprocessing, self.batch_size, self.num_workers, self._sigterm_received)
-            return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
-        files = ImageFiles(list_image_inputs(self.predict_input), self.preprocessing)
-        return self._loader(files, shuffle=False, collate_fn=collate_predict)
+    # Data -----------------------------------------------------------------------------------
 
-    def _sigterm_received(self) -> bool:
-        return self.trainer is not None and self.trainer.received_sigterm
+    def prepare_data(self) -> None:
+        """Download what is missing (Lightning calls this once per node, before `setup`)."""
+
+    def setup(self, stage: str) -> None:
+        for split in STAGE_SPLITS.get(stage, ()):
+            if split not in self._splits:  # read once, however often Lightning and the CLI call setup
+                self._splits[split] = self.load_split(split)
+
+    @abstractmethod
+    def load_split(self, split: str) -> Dataset:
+        """The labelled examples of `train`, `val` or `test`, read from that split's files only."""
+
+    @abstractmethod
+    def split_loader(self, split: str) -> DataLoader:
+        """A loader over a split set up by `setup`, shuffled for `train`."""
+
+    @abstractmethod
+    def predict_dataloader(self) -> Any:
+        """Batches of `predict_input`, in input order, each with its `ids` and per-row `errors`."""
+
+    def train_dataloader(self) -> Any:
+        return self._served("train")
+
+    def val_dataloader(self) -> Any:
+        return self._served("val")
+
+    def test_dataloader(self) -> Any:
+        return self._served("test")
+
+    def _served(self, split: str) -> Any:
+        cached = self._cached.get(split)
+        return cached.batches() if cached is not None else self.split_loader(split)
+
+    # Cached features ------------------------------------------------------------------------
+
+    def use_cached_features(self, trainer: L.Trainer, backbone: torch.nn.Module) -> None:
+        """From now on serve the train loader, and the val loader when validation reads it whole, as
+        the frozen backbone's features, computed here once. The finetuning policy asks for this when
+        the backbone never trains and nothing random changes the inputs (see feature_cache.can_cache)."""
+        splits: Iterable[str] = ("train", "val") if whole(trainer.limit_val_batches) else ("train",)
+        loaders = {split: self.split_loader(split) for split in splits if split in self._splits}
+        self._cached = cache_features(trainer, backbone, loaders)
+
+    def teardown(self, stage: str) -> None:
+        self._cached = {}  # the features of a whole data set: not kept past the fit that needed them

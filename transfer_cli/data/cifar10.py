@@ -10,13 +10,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_cli.data.base import ImageDataModule
+from transfer_cli.data.base import seeded_split
+from transfer_cli.data.images import ImageDataModule
 from transfer_cli.errors import DataError
 
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
+# The names batches.meta holds, in label order: stated here so that building the datamodule reads no file.
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -65,7 +68,7 @@ def find_batches_dir(root: Path) -> Path | None:
     return None
 
 
-def download(root: Path) -> None:
+def fetch(root: Path) -> None:
     archive = root / "cifar-10-python.tar.gz"
     partial = archive.with_suffix(".part")
     try:
@@ -112,7 +115,7 @@ def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class CIFAR10DataModule(ImageDataModule):
-    machine_specific = ("root", "download")  # dropped from a checkpoint's config when predicting (restore.py)
+    machine_specific = ("root", "download")
 
     def __init__(
         self,
@@ -130,7 +133,7 @@ class CIFAR10DataModule(ImageDataModule):
 
         Args:
             root: Directory holding `cifar-10-batches-py` (or that directory itself).
-            class_names: Expected class names; read from batches.meta when null.
+            class_names: Expected class names; CIFAR-10's ten (airplane ... truck) when null.
             download: Download and extract the official archive into `root` if it is missing.
             val_fraction: Fraction of the training batches held out for validation (seeded split).
             seed: Seed of the train/validation split.
@@ -144,18 +147,27 @@ class CIFAR10DataModule(ImageDataModule):
         self.download = download
         self.val_fraction = val_fraction
         self.seed = seed
-        self.batches_dir = self._locate() if self.root is not None else None
-        self.class_names = class_names if class_names is not None else self._read_class_names()
-        self._splits: dict[str, _Images] = {}
+        self.class_names = list(CLASS_NAMES if class_names is None else class_names)
+        self._held_out: dict[str, _Images] | None = None
 
     def data_class_names(self) -> list[str] | None:
         """The class names the data itself declares (batches.meta), or None without data."""
-        return self._read_class_names() if self.batches_dir is not None else None
+        found = None if self.root is None else find_batches_dir(self.root)
+        if found is None:
+            return None
+        meta = _load_pickle(found / "batches.meta")
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
 
-    def _locate(self) -> Path:
+    def prepare_data(self) -> None:
+        if self.root is not None:
+            self._batches_dir(download=self.download)
+
+    def _batches_dir(self, download: bool = False) -> Path:
+        if self.root is None:
+            raise DataError("data.root is required to train, validate or test on CIFAR-10.")
         found = find_batches_dir(self.root)
-        if found is None and self.download:
-            download(self.root)
+        if found is None and download:
+            fetch(self.root)
             found = find_batches_dir(self.root)
         if found is None:
             raise DataError(
@@ -165,39 +177,27 @@ class CIFAR10DataModule(ImageDataModule):
             )
         return found
 
-    def _read_class_names(self) -> list[str]:
-        if self.batches_dir is None:
-            raise DataError("data.root is required: the directory holding cifar-10-batches-py.")
-        meta = _load_pickle(self.batches_dir / "batches.meta")
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in meta["label_names"]]
-
-    def setup(self, stage: str) -> None:
-        # Each stage reads only its files: `transfer test` needs test_batch alone, fit and validate the
-        # training batches (the validation images are a seeded part of them).
-        if stage in ("fit", "validate") and "train" not in self._splits:
+    def load_split(self, split: str) -> Dataset:
+        # `transfer test` needs test_batch alone; fit and validate the training batches, of which the
+        # validation images are a seeded part.
+        if split == "test":
+            return _Images(*read_batch(self._batch_files([TEST_BATCH])[0]))
+        if self._held_out is None:
             images, labels = zip(*(read_batch(path) for path in self._batch_files(TRAIN_BATCHES)))
             images, labels = torch.cat(images), torch.cat(labels)
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-            n_val = max(1, int(round(self.val_fraction * len(labels))))
-            val, train = order[:n_val], order[n_val:]
-            self._splits["train"] = _Images(images[train], labels[train], train)
-            self._splits["val"] = _Images(images[val], labels[val], val)
-        if stage == "test" and "test" not in self._splits:
-            self._splits["test"] = _Images(*read_batch(self._batch_files([TEST_BATCH])[0]))
+            val, train = (torch.as_tensor(i) for i in seeded_split(len(labels), self.val_fraction, self.seed))
+            self._held_out = {
+                "val": _Images(images[val], labels[val], val),
+                "train": _Images(images[train], labels[train], train),
+            }
+        return self._held_out[split]
 
     def _batch_files(self, names: list[str]) -> list[Path]:
-        if self.batches_dir is None:
-            raise DataError("data.root is required to train, validate or test on CIFAR-10.")
-        missing = [n for n in names if not (self.batches_dir / n).is_file()]
+        batches_dir = self._batches_dir()
+        missing = [n for n in names if not (batches_dir / n).is_file()]
         if missing:
-            raise DataError(f"CIFAR-10 files missing in {self.batches_dir}: {', '.join(missing)}.")
-        return [self.batches_dir / n for n in names]
+            raise DataError(f"CIFAR-10 files missing in {batches_dir}: {', '.join(missing)}.")
+        return [batches_dir / n for n in names]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["train"], shuffle=True, collate_fn=_as_is)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["val"], shuffle=False, collate_fn=_as_is)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["test"], shuffle=False, collate_fn=_as_is)
+    def split_loader(self, split: str) -> DataLoader:
+        return self._loader(self._splits[split], shuffle=split == "train", collate_fn=_as_is)

@@ -4,15 +4,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
-from transfer_cli.data.base import ImageDataModule, ImageFiles
+from transfer_cli.data.base import seeded_split
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
+from transfer_cli.data.images import ImageDataModule, ImageFiles
 from transfer_cli.errors import ConfigError, DataError
-
-# The splits each stage reads: evaluating needs neither the training images nor their folder.
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -100,7 +97,6 @@ class ImageFolderDataModule(ImageDataModule):
         self.seed = seed
         self._found: dict[str, dict[str, list[Path]]] = {}
         self._held_out: dict[str, tuple[list[Path], list[int]]] | None = None
-        self._splits: dict[str, ImageFiles] = {}
         if class_names is None:
             class_names = list(self._scan("train"))
             if len(class_names) < 2:
@@ -168,25 +164,13 @@ class ImageFolderDataModule(ImageDataModule):
         """Without root/val, a seeded fraction of train validates; `validate` holds out the same images as `fit`."""
         if self._held_out is None:
             paths, labels = self._labelled("train")
-            order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            n_val = max(1, int(round(self.val_fraction * len(order))))
+            val, train = seeded_split(len(paths), self.val_fraction, self.seed)
             self._held_out = {
-                "val": ([paths[i] for i in order[:n_val]], [labels[i] for i in order[:n_val]]),
-                "train": ([paths[i] for i in order[n_val:]], [labels[i] for i in order[n_val:]]),
+                "val": ([paths[i] for i in val], [labels[i] for i in val]),
+                "train": ([paths[i] for i in train], [labels[i] for i in train]),
             }
         return self._held_out
 
-    def setup(self, stage: str) -> None:
-        for split in STAGE_SPLITS.get(stage, ()):
-            if split not in self._splits:
-                paths, labels = self._files(split)
-                self._splits[split] = ImageFiles(paths, self.preprocessing, labels)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["train"], shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["val"], shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._splits["test"], shuffle=False)
+    def load_split(self, split: str) -> Dataset:
+        paths, labels = self._files(split)
+        return ImageFiles(paths, self.preprocessing, labels)

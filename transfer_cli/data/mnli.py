@@ -23,7 +23,7 @@ def find_mnli_dir(root: Path) -> Path | None:
     return None
 
 
-def download(root: Path) -> None:
+def fetch(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "MNLI.zip"
     partial = archive.with_suffix(".part")
@@ -48,7 +48,7 @@ def download(root: Path) -> None:
 
 
 class MNLIDataModule(TextDataModule):
-    machine_specific = ("root", "download")  # dropped from a checkpoint's config when predicting (restore.py)
+    machine_specific = ("root", "download")
     skip_labels = ("-",)  # GLUE's marker for pairs whose annotators did not agree
     drop_empty = True  # the GLUE files are used as published: a stray empty pair is counted, not fatal
 
@@ -93,12 +93,22 @@ class MNLIDataModule(TextDataModule):
         )
         self.root = None if root is None else Path(root).expanduser()
         self.download = download
-        self.data_dir = self._locate() if self.root is not None else None
 
-    def _locate(self) -> Path:
+    def prepare_data(self) -> None:
+        if self.root is not None:
+            self._data_dir(download=self.download)
+
+    @property
+    def data_dir(self) -> Path:
+        """The directory holding the GLUE files (looked up when asked: building the datamodule reads nothing)."""
+        return self._data_dir()
+
+    def _data_dir(self, download: bool = False) -> Path:
+        if self.root is None:
+            raise DataError("data.root is required to train, validate or test on MNLI: the GLUE MNLI directory.")
         found = find_mnli_dir(self.root)
-        if found is None and self.download:
-            download(self.root)
+        if found is None and download:
+            fetch(self.root)
             found = find_mnli_dir(self.root)
         if found is None:
             raise DataError(
@@ -109,8 +119,6 @@ class MNLIDataModule(TextDataModule):
         return found
 
     def split_rows(self, split: str) -> Rows:
-        if self.data_dir is None:
-            raise DataError("data.root is required to train, validate or test on MNLI: the GLUE MNLI directory.")
         path = self.data_dir / SPLIT_FILES[split]
         if not path.is_file():
             raise DataError(f"Missing {path}: the {split} split of MNLI is {SPLIT_FILES[split]} in the GLUE layout.")

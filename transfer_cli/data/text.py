@@ -1,4 +1,4 @@
-"""Text classification data: CSV/TSV/JSONL rows, tokenized once per split, padded per batch.
+"""Text classification data: CSV/TSV/JSONL rows, tokenized once per split (text_batches.py), padded per batch.
 
 Shared by every text datamodule (MNLI in transfer_cli.data.mnli, your own files here). Rows are
 read by column name, tokenized once when a split is set up (not every epoch), stored flat in numpy
@@ -7,164 +7,31 @@ arrays, and padded only to the longest sequence of each batch.
 
 import sys
 from collections.abc import Callable, Iterator
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from transfer_cli.data.base import read_line_batches
+from transfer_cli.data.base import TransferDataModule
+from transfer_cli.data.lines import read_line_batches
+from transfer_cli.data.text_batches import (
+    LengthGroupedBatches,
+    PadCollate,
+    PredictRow,
+    PredictTexts,
+    TokenizedTexts,
+    tokenize,
+)
 from transfer_cli.data.text_records import TABLE_SUFFIXES, Rows, field_text, read_records
 from transfer_cli.errors import ConfigError, DataError
 
-TOKENIZE_CHUNK = 2048
 
-PredictRow = tuple[str, tuple[str, ...], str | None]  # id, texts, error
-
-
-class TokenizedTexts(Dataset):
-    """Token ids of all examples as flat int32 arrays plus offsets: a few bytes per token."""
-
-    def __init__(self, features: dict[str, np.ndarray], offsets: np.ndarray, labels: list[int], ids: list[str]):
-        self.features, self.offsets = features, offsets
-        self.labels = torch.tensor(labels, dtype=torch.long) if labels else None
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        item = {"features": {key: values[start:end] for key, values in self.features.items()}}
-        if self.labels is not None:
-            item["label"] = self.labels[index]
-        if self.ids:
-            item["id"] = self.ids[index]
-        return item
-
-
-def tokenize(tokenizer: PreTrainedTokenizerBase, rows: Rows, max_length: int, what: str) -> TokenizedTexts:
-    """Tokenize every example once, truncating at max_length, and report how many were truncated."""
-    chunks: dict[str, list[np.ndarray]] = {}
-    lengths, truncated = [], 0
-    for start in range(0, len(rows.texts), TOKENIZE_CHUNK):
-        encoded, cut = encode(tokenizer, rows.texts[start : start + TOKENIZE_CHUNK], max_length)
-        truncated += cut
-        for key, values in encoded.items():
-            chunks.setdefault(key, []).append(np.fromiter(chain.from_iterable(values), dtype=np.int32))
-        input_ids = encoded["input_ids"]
-        lengths.append(np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids)))
-    report_truncated(what, len(rows.texts), truncated, max_length)
-    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1, dtype=np.int64)
-    features = {key: np.concatenate(parts) for key, parts in chunks.items()}
-    # Labelled rows keep their ids too: an evaluation report names its mistakes by them.
-    return TokenizedTexts(features, offsets, rows.labels, rows.ids)
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, texts: list[tuple[str, ...]], max_length: int
-) -> tuple[dict[str, list[list[int]]], int]:
-    """Token ids of a chunk of examples, and how many of them were truncated at max_length."""
-    columns = [list(c) for c in zip(*texts)]
-    encoded = tokenizer(*columns, truncation=True, max_length=max_length, return_attention_mask=False)
-    # Only an example that fills max_length can have been cut; tokenizing those few again with
-    # one more token allowed tells which ones really were longer.
-    full = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= max_length]
-    truncated = 0
-    if full:
-        again = tokenizer(*[[c[i] for i in full] for c in columns], truncation=True, max_length=max_length + 1)
-        truncated = sum(len(ids) > max_length for ids in again["input_ids"])
-    return dict(encoded), truncated
-
-
-def report_truncated(what: str, total: int, truncated: int, max_length: int) -> None:
-    print(f"transfer: {what}: {total} examples, {truncated} truncated to max_length {max_length}", file=sys.stderr)
-
-
-class PredictTexts(IterableDataset):
-    """Texts to predict on, tokenized a batch at a time as they are read, so a file or a stream of
-    any length is never held whole; each yielded batch is padded and in input order.
-
-    `batches` gives lists of (id, texts, error): a row whose text could not be read keeps its place
-    with an empty text and its error, and the writer decides between an error row and stopping.
-    """
-
-    def __init__(self, batches: Callable[[], Iterator[list[PredictRow]]], tokenizer, max_length: int, collate):
-        self.batches, self.tokenizer, self.max_length, self.collate = batches, tokenizer, max_length, collate
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        total = truncated = 0
-        for rows in self.batches():
-            encoded, cut = encode(self.tokenizer, [texts for _, texts, _ in rows], self.max_length)
-            total, truncated = total + len(rows), truncated + cut
-            items = [
-                {"features": {key: np.asarray(values[i], dtype=np.int32) for key, values in encoded.items()}, "id": id_}
-                for i, (id_, _, _) in enumerate(rows)
-            ]
-            yield {**self.collate(items), "errors": [error for _, _, error in rows]}
-        report_truncated("predict", total, truncated, self.max_length)
-
-
-class PadCollate:
-    """Pads each batch to its own longest sequence (not to max_length) and adds the attention mask."""
-
-    def __init__(self, pad_values: dict[str, int], pad_left: bool):
-        self.pad_values, self.pad_left = pad_values, pad_left
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        lengths = [len(item["features"]["input_ids"]) for item in items]
-        width = max(lengths)
-        inputs = {}
-        for key in items[0]["features"]:
-            padded = np.full((len(items), width), self.pad_values.get(key, 0), dtype=np.int64)
-            for row, (item, length) in enumerate(zip(items, lengths)):
-                start = width - length if self.pad_left else 0
-                padded[row, start : start + length] = item["features"][key]
-            inputs[key] = torch.from_numpy(padded)
-        mask = torch.zeros(len(items), width, dtype=torch.long)
-        for row, length in enumerate(lengths):
-            if self.pad_left:
-                mask[row, width - length :] = 1
-            else:
-                mask[row, :length] = 1
-        inputs["attention_mask"] = mask
-        if "label" in items[0]:
-            labels = torch.stack([item["label"] for item in items])
-            return {"inputs": inputs, "labels": labels, "ids": [item.get("id") for item in items]}
-        return {"inputs": inputs, "ids": [item["id"] for item in items]}
-
-
-class LengthGroupedBatches(Sampler[list[int]]):
-    """Shuffled batches of examples of similar length, so little of each batch is padding.
-
-    Examples are shuffled, cut into windows of `window` batches, sorted by length inside each window,
-    and the resulting batches are shuffled again: random like plain shuffling at the batch level,
-    but with near-uniform lengths inside a batch (the HuggingFace Trainer's group_by_length).
-    """
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, window: int = 50):
-        self.lengths, self.batch_size, self.window = torch.as_tensor(lengths), batch_size, window
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.lengths))
-        size = self.batch_size * self.window
-        batches = []
-        for start in range(0, len(order), size):
-            chunk = order[start : start + size]
-            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
-            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        yield from (batches[i] for i in torch.randperm(len(batches)).tolist())
-
-
-class TextDataModule(L.LightningDataModule):
-    """Base class: subclasses say where each split's labelled rows come from (`split_rows`)."""
+class TextDataModule(TransferDataModule):
+    """Base of the text datamodules: subclasses say where each split's labelled rows come from (`split_rows`)."""
 
     skip_labels: tuple[str, ...] = ()  # labels that mean "no gold label": such rows are dropped and counted
     drop_empty: bool = False  # drop (and count) training rows with an empty text instead of failing
@@ -181,18 +48,16 @@ class TextDataModule(L.LightningDataModule):
         group_by_length: bool,
         predict_input: str | None,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, predict_input)
         self.group_by_length = group_by_length
         if len(text_columns) not in (1, 2):
             raise ConfigError(f"data.text_columns: one column (a sentence) or two (a pair), not {list(text_columns)}.")
         self.text_columns = tuple(text_columns)
         self.label_column, self.id_column = label_column, id_column
         self.class_names: list[str] = list(class_names) if class_names is not None else []
-        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
-        self.predict_input = predict_input
+        self.max_length = max_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self._collate: PadCollate | None = None
-        self._datasets: dict[str, TokenizedTexts] = {}
 
     def connect(self, backbone: Any) -> None:
         """Take the backbone's tokenizer: the text must be cut into the pieces its weights know."""
@@ -219,9 +84,11 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             raise ConfigError(f"{type(self).__name__}.connect(backbone) must be called before setup.")
-        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ()):
-            if split not in self._datasets:  # tokenized once, whatever the number of epochs
-                self._datasets[split] = tokenize(self.tokenizer, self.split_rows(split), self.max_length, split)
+        super().setup(stage)
+
+    def load_split(self, split: str) -> TokenizedTexts:
+        # Tokenized once here, whatever the number of epochs.
+        return tokenize(self.tokenizer, self.split_rows(split), self.max_length, split)
 
     def texts(self, record: dict[str, Any], where: str, drop_empty: bool = False) -> tuple[str, ...] | None:
         """The row's text(s); an empty one is an error, or None with drop_empty."""
@@ -333,20 +200,14 @@ class TextDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._datasets["train"]
-        if not self.group_by_length:
-            return self._loader(dataset, shuffle=True)
+    def split_loader(self, split: str) -> DataLoader:
+        dataset = self._splits[split]
+        if split != "train" or not self.group_by_length:
+            return self._loader(dataset, shuffle=split == "train")
         if self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError("data.group_by_length works on one device; turn it off for multi-device runs.")
         batches = LengthGroupedBatches(np.diff(dataset.offsets), self.batch_size)
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["val"], shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["test"], shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_input is None:

@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-import torch
-
+from transfer_cli.data.base import seeded_split
 from transfer_cli.data.text import TextDataModule
 from transfer_cli.data.text_records import TABLE_SUFFIXES, Rows
 from transfer_cli.errors import ConfigError, DataError
@@ -94,6 +93,5 @@ class TextClassificationDataModule(TextDataModule):
         train = self.with_label_indices(*(self._train or self.read_labeled(self._split_file("train"))))
         if self._split_file("val") is not None:
             return train
-        order = torch.randperm(len(train.texts), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = max(1, round(self.val_fraction * len(order)))
-        return train.subset(order[:n_val] if split == "val" else order[n_val:])
+        val, rest = seeded_split(len(train.texts), self.val_fraction, self.seed)
+        return train.subset(val if split == "val" else rest)

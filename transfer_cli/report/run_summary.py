@@ -123,10 +123,10 @@ class RunSummary(Callback):
 
 
 def _unfreeze_epoch(trainer: L.Trainer) -> int | None:
-    from transfer_cli.finetuning import BackboneFinetuning
+    from transfer_cli.callbacks.finetuning import FinetuningPolicy
 
     for callback in trainer.callbacks:
-        if isinstance(callback, BackboneFinetuning) and callback.strategy == "gradual":
+        if isinstance(callback, FinetuningPolicy) and callback.strategy == "gradual":
             return callback.unfreeze_at_epoch
     return None
 
