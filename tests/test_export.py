@@ -28,46 +28,13 @@ except ImportError:  # the export extra; CI installs it with the test extra, so 
 DEBUG = ("--config", "debug")
 PAIR = ("A man is playing a guitar on the stage.", "Someone is making music.")
 
-# The README's deployment snippet (section "Deploy"); the test runs the README's own block when it is
-# there, so the documented code is the tested code.
-SNIPPET = """\
-import json
-
-import numpy as np
-import onnxruntime as ort
-from PIL import Image, ImageOps
-from transformers import AutoTokenizer
-
-# An image classifier: uint8 RGB in, the normalisation is inside the graph.
-session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-meta = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
-p = meta["preprocessing"]
-image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")
-if image.size != (p["crop_size"], p["crop_size"]):  # shorter side to resize_size, then a centre crop
-    scale = p["resize_size"] / min(image.size)
-    size = [max(p["crop_size"], int(side * scale)) for side in image.size]
-    image = image.resize(size, Image.Resampling[p["interpolation"].upper()])
-    left, top = [round((side - p["crop_size"]) / 2) for side in image.size]
-    image = image.crop((left, top, left + p["crop_size"], top + p["crop_size"]))
-images = np.asarray(image).transpose(2, 0, 1)[None]  # [1, 3, H, W] uint8
-probs = session.run(["probs"], {"images": images})[0][0]
-print(json.dumps({"label": meta["class_names"][probs.argmax()], "score": float(probs.max())}))
-
-# A text classifier: the tokenizer files are beside the .onnx file.
-session = ort.InferenceSession("bert-mnli.onnx", providers=["CPUExecutionProvider"])
-meta = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
-tokenizer = AutoTokenizer.from_pretrained("bert-mnli.tokenizer")
-encoded = tokenizer("A man is playing a guitar on the stage.", "Someone is making music.", return_tensors="np")
-probs = session.run(["probs"], {name: encoded[name].astype(np.int64) for name in meta["inputs"]})[0][0]
-print(json.dumps({"label": meta["class_names"][probs.argmax()], "score": float(probs.max())}))
-"""
-
 
 def _readme_snippet() -> str:
-    """The python block of the README's "Deploy" section, or this file's copy until it is placed there."""
+    """The python block of the README's "Deploy" section: the documented code is the tested code."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     found = re.search(r"## Deploy.*?```python\n(.*?)```", readme, flags=re.S)
-    return found.group(1) if found else SNIPPET
+    assert found, "README.md lost its Deploy section's python block"
+    return found.group(1)
 
 
 @pytest.fixture(autouse=True)
