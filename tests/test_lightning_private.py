@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from transfer_cli import lightning_private, noise
 from transfer_cli.callbacks.progress import TerminalProgressBar
 from transfer_cli.checkpoint import install_safe_loaders
-from transfer_cli.lightning_private import LightningCLIBase, ModelCheckpointHooks, stream_predictions
+from transfer_cli.lightning_private import (
+    LightningCLIBase,
+    ModelCheckpointHooks,
+    logging_step,
+    logs_this_step,
+    stream_predictions,
+)
 
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
@@ -94,6 +100,22 @@ def test_model_checkpoint_skips_saving_outside_fit_and_at_the_step_it_last_saved
     assert not callback.skips_saving(trainer)
     callback._last_global_step_saved = trainer.global_step
     assert callback.skips_saving(trainer)
+
+
+def test_trainer_logger_connector_says_when_logged_metrics_are_written_at_the_step_the_loop_counts(tmp_path):
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((logs_this_step(trainer), logging_step(trainer)))
+
+    trainer = Trainer(
+        default_root_dir=tmp_path, max_steps=4, log_every_n_steps=2, logger=CSVLogger(tmp_path), callbacks=[Probe()],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    assert [step for _, step in seen] == [0, 1, 2, 3]
+    assert [logs for logs, _ in seen] == [False, True, False, True]  # steps 2 and 4 of log_every_n_steps=2
 
 
 def test_model_checkpoint_monitor_candidates_hold_the_epoch_and_step(tmp_path):

@@ -20,7 +20,7 @@ def config_changes(cli: Any, args: list[str]) -> dict[str, Any]:
 
     resolved = resolve_config_args(["fit", *args])
     configs = [resolved[i : i + 2] for i, a in enumerate(resolved) if a in ("--config", "-c") and i + 1 < len(resolved)]
-    parser = cli._parser("fit")
+    parser = cli.subcommand_parser("fit")
     try:
         recipe = parser.parse_args([a for pair in configs for a in pair])
     except Exception:  # noqa: BLE001 - a recipe that needs flags to parse: show the whole config instead

@@ -14,7 +14,7 @@ import rich
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.callbacks.checkpoint_policy import RunCheckpoint
@@ -28,7 +28,7 @@ from transfer_cli.checkpoint import CheckpointMetadata, install_safe_loaders, re
 from transfer_cli.checkpoint_io import AtomicCheckpointIO
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
-from transfer_cli.lightning_private import StreamingPredictionLoop
+from transfer_cli.lightning_private import LightningCLIBase, StreamingPredictionLoop
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
 from transfer_cli.report.run_summary import RunSummary
@@ -51,7 +51,7 @@ from transfer_cli.runs import (
 CKPT_SUBCOMMANDS = ("validate", "test", "predict")
 
 
-class TransferCLI(LightningCLI):
+class TransferCLI(LightningCLIBase):
     def __init__(self, args: list[str] | None = None, run: bool = True):
         self._restored: Restored | None = None  # the --ckpt checkpoint, read once
         # --ckpt_path files already checked -> whether they carry Lightning hyper_parameters to merge.
@@ -100,8 +100,7 @@ class TransferCLI(LightningCLI):
         # The data states the classes once; the head is sized from them.
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+    def extend_subcommand_parser(self, parser: LightningArgumentParser, subcommand: str) -> None:
         if subcommand in CKPT_SUBCOMMANDS:
             parser.add_argument(
                 "--ckpt",
@@ -133,7 +132,6 @@ class TransferCLI(LightningCLI):
                 help="Write a row with an `error` field for an unreadable input and go on, instead of stopping.",
             )
             parser.set_defaults({"return_predictions": False})
-        return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         args = list(sys.argv[1:] if args is None else args)
@@ -145,7 +143,7 @@ class TransferCLI(LightningCLI):
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as err:
-            options = _option_names(self._subcommand_parsers.get(subcommand, parser))
+            options = self.option_names(self.subcommand_parsers.get(subcommand, parser))
             message = explain_parser_error(err, options)
             raise ConfigError(f"{message}\nSee `transfer {subcommand or 'SUBCOMMAND'} --help`.") from None
         chosen = self.config.get("subcommand")  # the parser's answer, not a guess from the words given
@@ -153,7 +151,7 @@ class TransferCLI(LightningCLI):
         _check_trainer_names(config.get("trainer"))
         _check_data_ranges(config.get("data"))
 
-    def _parse_ckpt_path(self) -> None:
+    def parse_ckpt_path(self) -> None:
         # Lightning would torch.load a --ckpt_path here to merge hyper_parameters, which transfer's models
         # never save, and fail with a traceback on a truncated or foreign file. fit checks the checkpoint
         # itself (runs.check_resumable), with exit 4 and before a run directory exists; elsewhere a path
@@ -163,11 +161,11 @@ class TransferCLI(LightningCLI):
             return
         ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")
         if ckpt_path is None or not Path(str(ckpt_path)).expanduser().is_file():
-            super()._parse_ckpt_path()
+            self.merge_ckpt_hyperparameters()
         elif self._check_ckpt_path(ckpt_path):
             # Only a checkpoint with hyper_parameters (not one of ours) gives Lightning anything to read
             # again; the trainer reads the file once more when it restores the weights.
-            super()._parse_ckpt_path()
+            self.merge_ckpt_hyperparameters()
 
     def _check_ckpt_path(self, ckpt_path: str) -> bool:
         """Refuse an unsafe --ckpt_path file before anything is built, reading each file once;
@@ -264,23 +262,24 @@ class TransferCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._subconfig()
-        dump = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
-        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        parser = self.subcommand_parser(self.subcommand)
+        dump = yaml.safe_load(parser.dump(config, skip_none=False))
+        callbacks = [self.get_config(self.config_init, key) for key in parser.callback_keys]
         callbacks.append(CheckpointMetadata(dump["model"], dump["data"]))
         if self.subcommand == "fit":
             callbacks += [NonFiniteLossGuard(), InterruptCheckpoint(), RandomState()]
             callbacks.append(RunSummary())  # after InterruptCheckpoint: curves at an interrupt need its last.ckpt
-        given = self._get(self.config_init, "trainer", default={}).get("callbacks")
+        given = self.get_config(self.config_init, "trainer", default={}).get("callbacks")
         if config.trainer.enable_progress_bar is not False and not _has_progress_bar(given):
             # Given at construction, so Lightning does not add its own bar writing to stdout.
             callbacks.append(progress_bar())
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(config.output, config.topk, config.skip_bad_inputs))
-        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        trainer_config = {**self.get_config(self.config_init, "trainer", default={}), **kwargs}
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return self._instantiate_trainer(trainer_config, callbacks)
+        return self.instantiate_trainer_with(trainer_config, callbacks)
 
     # Subcommands: Lightning's, with its ways of stopping turned into our exit codes ------------
 
@@ -383,7 +382,7 @@ class TransferCLI(LightningCLI):
         report = config.get("report")
         if report is None:
             return
-        data = yaml.safe_load(self._parser(subcommand).dump(config, skip_none=False))["data"]
+        data = yaml.safe_load(self.subcommand_parser(subcommand).dump(config, skip_none=False))["data"]
         document = report_document(subcommand, config.get("ckpt"), data, evaluation["metrics"])
         if report == "-":
             write_json_stdout(document)
@@ -417,11 +416,6 @@ def _check_something_to_run(args: list[str]) -> None:
             f"transfer fit needs a recipe: --config NAME or FILE.yaml (recipes: {', '.join(recipe_names())}), "
             "or --model CLASS and --data CLASS."
         )
-
-
-def _option_names(parser: Any) -> list[str]:
-    """Every option string of a (sub)command parser, for "did you mean" on an unknown one."""
-    return [o for action in getattr(parser, "_actions", []) for o in action.option_strings]
 
 
 def _check_trainer_names(trainer: Any) -> None:

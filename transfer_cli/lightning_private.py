@@ -181,6 +181,21 @@ def option_names(parser: ArgumentParser) -> list[str]:
     return [o for action in getattr(parser, "_actions", []) for o in action.option_strings]
 
 
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes logged metrics at the coming training step.
+
+    Depends on: `trainer._logger_connector.should_update_logs`, which Lightning's own LearningRateMonitor
+    asks the same way (every `log_every_n_steps`, and at the last step).
+    """
+    return trainer._logger_connector.should_update_logs
+
+
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning's loggers index metrics by (optimizer steps taken, unlike `global_step` with
+    several optimizers). Depends on: `trainer.fit_loop.epoch_loop._batches_that_stepped`."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 class LightningCLIBase(LightningCLI):
     """LightningCLI with public names for the private methods and attributes a subclass needs (Lightning 2.5-2.6).
 

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transfer_cli.lightning_private import logging_step, logs_this_step
 from transfer_cli.report.plots import curves_png
 
 EPOCH_METRICS = ("train_loss_epoch", "train_acc", "val_loss", "val_acc")
@@ -47,14 +48,14 @@ class RunSummary(Callback):
     ) -> None:
         # Straight to the logger on the steps Lightning logs (as its LearningRateMonitor does): no
         # per-step bookkeeping, and nothing added to the progress bar or the metric tables.
-        if trainer.loggers and trainer._logger_connector.should_update_logs:
+        if trainer.loggers and logs_this_step(trainer):
             rates = {
                 f"lr-{group.get('name', i)}": group["lr"]
                 for optimizer in trainer.optimizers
                 for i, group in enumerate(optimizer.param_groups)
             }
             for logger in trainer.loggers:
-                logger.log_metrics(rates, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+                logger.log_metrics(rates, step=logging_step(trainer))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
