@@ -28,7 +28,7 @@ from transfer_cli.checkpoint import CheckpointMetadata, install_safe_loaders, re
 from transfer_cli.checkpoint_io import AtomicCheckpointIO
 from transfer_cli.entry import SUBCOMMANDS
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, Interrupted
-from transfer_cli.lightning_private import LightningCLIBase, StreamingPredictionLoop
+from transfer_cli.lightning_private import LightningCLIBase, stream_predictions
 from transfer_cli.noise import drop_lightning_tips, forgiving_stderr
 from transfer_cli.recipes import check_config_files, explain_parser_error, recipe_names, resolve_config_args
 from transfer_cli.report.run_summary import RunSummary
@@ -341,7 +341,7 @@ class TransferCLI(LightningCLIBase):
         # The writer needs no batch indices, which Lightning cannot know for a stream it did not batch.
         warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
         # Rows of batch n go out before batch n+1 is read: a stream's producer may be waiting for them.
-        self.trainer.predict_loop = StreamingPredictionLoop(self.trainer, self.trainer.predict_loop.inference_mode)
+        stream_predictions(self.trainer)
         self._run(self.trainer.predict, **kwargs)
 
     def _run(self, fn: Any, **kwargs: Any) -> None:
