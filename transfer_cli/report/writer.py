@@ -65,6 +65,7 @@ def write_report(directory: str, document: dict[str, Any], errors: list[dict[str
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         _write_files(staging, document, errors)
+        _usual_permissions(staging)
         if target.is_dir():
             target.rmdir()  # empty (checked before evaluation); a file added since then makes this fail
         os.rename(staging, target)
@@ -72,6 +73,14 @@ def write_report(directory: str, document: dict[str, Any], errors: list[dict[str
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _usual_permissions(directory: Path) -> None:
+    # mkdtemp makes the staging folder 0700; renamed as it is, the report would be unreadable by anyone
+    # else (a shared results folder, a web server), unlike a folder made with mkdir.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
 
 
 def _write_files(directory: Path, document: dict[str, Any], errors: list[dict[str, Any]]) -> None:
