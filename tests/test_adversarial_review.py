@@ -1,10 +1,15 @@
 """Defects found by using the new verbs (report, export, check) as users do; each test failed before its fix."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
+from transfer_cli.errors import EXIT_TERMINATED
 from transfer_cli.report.metrics import summarize
 from transfer_cli.report.states import EvaluationStates
 from transfer_cli.report.writer import report_document, write_report
@@ -31,3 +36,34 @@ def test_report_directory_gets_the_usual_permissions(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == sorted(
         ["metrics.json", "per_class.csv", "confusion_matrix.png", "calibration.png", "errors.jsonl"]
     )
+
+
+def test_sigterm_while_the_report_is_written_leaves_no_staging_folder(tmp_path):
+    # The report is written after Lightning's run has ended and given SIGTERM back to its default
+    # action, so a SIGTERM there (a scheduler's time limit) killed the process outright and left the
+    # half-written DIR.tmp-XXXX staging folder beside DIR. README: "complete or not at all", 143.
+    target = tmp_path / "rep"
+    script = tmp_path / "stalled.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import test_adversarial_review as t\n"
+        "import transfer_cli.report.writer as w\n"
+        "from transfer_cli.errors import Interrupted\n"
+        "def stalled(*args):\n"  # a big confusion matrix takes a while to draw
+        "    print('drawing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "w.confusion_matrix_png = stalled\n"
+        "try:\n"
+        f"    w.write_report({str(target)!r}, t._tiny_document(), errors=[])\n"
+        "except Interrupted as err:\n"
+        "    sys.exit(err.exit_code)\n"
+    )
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "drawing\n"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == EXIT_TERMINATED
+    finally:
+        child.kill()
+    assert list(tmp_path.iterdir()) == [script]

@@ -1,16 +1,20 @@
 """The report directory: complete or absent (built under DIR.tmp-XXXX, then renamed), never half-written."""
 
+import contextlib
 import csv
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.errors import ConfigError
+from transfer_cli.errors import EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.report.plots import calibration_png, confusion_matrix_png
 from transfer_cli.runs import check_writable
 
@@ -62,7 +66,31 @@ def write_json_stdout(document: dict[str, Any]) -> None:
 def write_report(directory: str, document: dict[str, Any], errors: list[dict[str, Any]]) -> Path:
     target = Path(directory).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+    with _terminable():
+        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+        _build(staging, target, document, errors)
+    return target
+
+
+@contextlib.contextmanager
+def _terminable() -> Iterator[None]:
+    """The report is written after Lightning's run has given SIGTERM back to its default action, which
+    would end the process on the spot and leave the staging folder behind; end it as Ctrl-C does instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread (an in-process caller's choice)
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted("terminated (SIGTERM) while writing the report; no report was written", EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build(staging: Path, target: Path, document: dict[str, Any], errors: list[dict[str, Any]]) -> None:
     try:
         _write_files(staging, document, errors)
         _usual_permissions(staging)
@@ -72,7 +100,6 @@ def write_report(directory: str, document: dict[str, Any], errors: list[dict[str
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
 
 
 def _usual_permissions(directory: Path) -> None:
