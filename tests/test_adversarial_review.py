@@ -67,3 +67,15 @@ def test_sigterm_while_the_report_is_written_leaves_no_staging_folder(tmp_path):
     finally:
         child.kill()
     assert list(tmp_path.iterdir()) == [script]
+
+
+def test_export_misspelt_option_says_did_you_mean(capsys):
+    # README: every verb beyond Lightning's four answers a bad option with exit 2 and a "did you mean";
+    # export parsed its own options and said only "unrecognized arguments: --fromat pt2".
+    from transfer_cli.entry import main
+
+    assert main(["export", "--ckpt", "c.ckpt", "--output", "m.pt2", "--fromat", "pt2"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean --format?" in err and "Traceback" not in err
+    assert main(["export", "--ckpt", "c.ckpt"]) == 2
+    assert "output" in capsys.readouterr().err
