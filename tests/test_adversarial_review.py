@@ -12,7 +12,7 @@ import torch
 from transfer_cli.errors import EXIT_TERMINATED
 from transfer_cli.report.metrics import summarize
 from transfer_cli.report.states import EvaluationStates
-from transfer_cli.report.writer import report_document, write_report
+from transfer_cli.report.writer import FILES, check_report_target, report_document, write_report
 
 
 def _tiny_document() -> dict:
@@ -79,3 +79,15 @@ def test_export_misspelt_option_says_did_you_mean(capsys):
     assert "Did you mean --format?" in err and "Traceback" not in err
     assert main(["export", "--ckpt", "c.ckpt"]) == 2
     assert "output" in capsys.readouterr().err
+
+
+def test_report_into_the_current_empty_folder(tmp_path, monkeypatch):
+    # `--report .` in an empty folder passed the pre-check, then, after the whole evaluation, failed
+    # with "internal error: OSError: [Errno 22] Invalid argument: '.'" (exit 1, nothing written).
+    here = tmp_path / "results"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    check_report_target(".")
+    assert write_report(".", _tiny_document(), errors=[]) == here
+    assert sorted(p.name for p in here.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]

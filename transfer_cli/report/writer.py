@@ -33,7 +33,8 @@ def check_report_target(report: str | None) -> None:
             f"--report {report} already exists and is not empty; a report would mix with its files. "
             "Give a new directory (it is created) or empty that one."
         )
-    check_writable(path.parent)
+    # An empty folder given as the report (`--report .` included) is filled in place, so it is what must be writable.
+    check_writable(path if path.is_dir() else path.parent)
 
 
 def versions() -> dict[str, str]:
@@ -64,10 +65,15 @@ def write_json_stdout(document: dict[str, Any]) -> None:
 
 
 def write_report(directory: str, document: dict[str, Any], errors: list[dict[str, Any]]) -> Path:
-    target = Path(directory).expanduser()
+    # Normalised, so `.` and `out/..` have a real name and parent.
+    target = Path(os.path.abspath(Path(directory).expanduser()))
     target.parent.mkdir(parents=True, exist_ok=True)
+    in_place = target.is_dir()  # empty: checked before the evaluation
     with _terminable():
-        staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+        # Beside a new folder, so it is renamed into place whole; inside an existing one, which stays
+        # where it is (a shell may be in it) and which alone needs to be writable.
+        where = (target, ".report.tmp-") if in_place else (target.parent, f"{target.name}.tmp-")
+        staging = Path(tempfile.mkdtemp(prefix=where[1], dir=where[0]))
         _build(staging, target, document, errors)
     return target
 
@@ -94,12 +100,27 @@ def _build(staging: Path, target: Path, document: dict[str, Any], errors: list[d
     try:
         _write_files(staging, document, errors)
         _usual_permissions(staging)
-        if target.is_dir():
-            target.rmdir()  # empty (checked before evaluation); a file added since then makes this fail
-        os.rename(staging, target)
+        if staging.parent == target:
+            _move_into(staging, target)
+        else:
+            os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _move_into(staging: Path, target: Path) -> None:
+    """The finished files up into the empty `target`, taken back out if a move fails or is interrupted."""
+    moved = []
+    try:
+        for name in FILES:
+            os.rename(staging / name, target / name)
+            moved.append(target / name)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
+    staging.rmdir()
 
 
 def _usual_permissions(directory: Path) -> None:
