@@ -5,6 +5,7 @@ import signal
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,3 +92,19 @@ def test_report_into_the_current_empty_folder(tmp_path, monkeypatch):
     assert write_report(".", _tiny_document(), errors=[]) == here
     assert sorted(p.name for p in here.iterdir()) == sorted(FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_pt2_export_writes_no_torch_warnings_on_stderr(tmp_path):
+    # `transfer export --output m.pt2` printed torch's "UserWarning: No complete tensor found in the
+    # group! ... may cause issues when your weights are not on CPU" on every image export (CPU only).
+    from transfer_cli.export import pt2
+    from transfer_cli.export.command import _metadata
+    from transfer_cli.export.deploy import deploy_module
+    from transfer_cli.export.source import load_source
+
+    source = load_source(str(Path(__file__).parent / "fixtures" / "image-v1.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pt2.write(deploy_module(source), source, tmp_path / "m.pt2", _metadata(source))
+    assert [str(w.message) for w in caught] == []
+    assert (tmp_path / "m.pt2").stat().st_size > 0
