@@ -213,6 +213,8 @@ def _failure(report: ParityReport) -> str:
 def main(args: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
+    from transfer_cli.recipes import explain_parser_error
+
     parser = ArgumentParser(prog="transfer export", exit_on_error=False, description=export.__doc__.split("\n")[0])
     parser.add_function_arguments(export, as_group=False)
     # A bare `--json` is a switch, as users type it; `--json true|false` works too.
@@ -220,7 +222,9 @@ def main(args: list[str]) -> int:
     try:
         config = parser.parse_args(args)
     except Exception as err:  # jsonargparse's ArgumentError and its kin: a usage error
-        raise ConfigError(f"{str(err).splitlines()[0]}. See `transfer export --help`.") from None
+        # The same "Did you mean --format?" as every other verb gives for a misspelt option.
+        options = [o for action in getattr(parser, "_actions", []) for o in action.option_strings]
+        raise ConfigError(f"{explain_parser_error(err, options)}\nSee `transfer export --help`.") from None
     return export(**{key: config[key] for key in ("ckpt", "output", "format", "input", "json")})
 
 

@@ -17,8 +17,10 @@ def write(module: torch.nn.Module, source: Source, path: Path, metadata: dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example_inputs(source), dynamic_shapes=dynamic_shapes(source))
-    extra = {METADATA_FILE: json.dumps({key: json.loads(value) for key, value in metadata.items()})}
-    torch.export.save(program, str(path), extra_files=extra)
+        extra = {METADATA_FILE: json.dumps({key: json.loads(value) for key, value in metadata.items()})}
+        # save warns "No complete tensor found in the group ... may cause issues when your weights are
+        # not on CPU" for tied or shared weights; exports run on the CPU, so it only alarms the user.
+        torch.export.save(program, str(path), extra_files=extra)
 
 
 def load(path: Path, names: list[str], outputs: list[str]) -> Runner:

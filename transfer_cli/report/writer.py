@@ -1,16 +1,20 @@
 """The report directory: complete or absent (built under DIR.tmp-XXXX, then renamed), never half-written."""
 
+import contextlib
 import csv
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.errors import ConfigError
+from transfer_cli.errors import EXIT_TERMINATED, ConfigError, Interrupted
 from transfer_cli.report.plots import calibration_png, confusion_matrix_png
 from transfer_cli.runs import check_writable
 
@@ -29,7 +33,8 @@ def check_report_target(report: str | None) -> None:
             f"--report {report} already exists and is not empty; a report would mix with its files. "
             "Give a new directory (it is created) or empty that one."
         )
-    check_writable(path.parent)
+    # An empty folder given as the report (`--report .` included) is filled in place, so it is what must be writable.
+    check_writable(path if path.is_dir() else path.parent)
 
 
 def versions() -> dict[str, str]:
@@ -60,18 +65,70 @@ def write_json_stdout(document: dict[str, Any]) -> None:
 
 
 def write_report(directory: str, document: dict[str, Any], errors: list[dict[str, Any]]) -> Path:
-    target = Path(directory).expanduser()
+    # Normalised, so `.` and `out/..` have a real name and parent.
+    target = Path(os.path.abspath(Path(directory).expanduser()))
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+    in_place = target.is_dir()  # empty: checked before the evaluation
+    with _terminable():
+        # Beside a new folder, so it is renamed into place whole; inside an existing one, which stays
+        # where it is (a shell may be in it) and which alone needs to be writable.
+        where = (target, ".report.tmp-") if in_place else (target.parent, f"{target.name}.tmp-")
+        staging = Path(tempfile.mkdtemp(prefix=where[1], dir=where[0]))
+        _build(staging, target, document, errors)
+    return target
+
+
+@contextlib.contextmanager
+def _terminable() -> Iterator[None]:
+    """The report is written after Lightning's run has given SIGTERM back to its default action, which
+    would end the process on the spot and leave the staging folder behind; end it as Ctrl-C does instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread (an in-process caller's choice)
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted("terminated (SIGTERM) while writing the report; no report was written", EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build(staging: Path, target: Path, document: dict[str, Any], errors: list[dict[str, Any]]) -> None:
     try:
         _write_files(staging, document, errors)
-        if target.is_dir():
-            target.rmdir()  # empty (checked before evaluation); a file added since then makes this fail
-        os.rename(staging, target)
+        _usual_permissions(staging)
+        if staging.parent == target:
+            _move_into(staging, target)
+        else:
+            os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+
+
+def _move_into(staging: Path, target: Path) -> None:
+    """The finished files up into the empty `target`, taken back out if a move fails or is interrupted."""
+    moved = []
+    try:
+        for name in FILES:
+            os.rename(staging / name, target / name)
+            moved.append(target / name)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
+    staging.rmdir()
+
+
+def _usual_permissions(directory: Path) -> None:
+    # mkdtemp makes the staging folder 0700; renamed as it is, the report would be unreadable by anyone
+    # else (a shared results folder, a web server), unlike a folder made with mkdir.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
 
 
 def _write_files(directory: Path, document: dict[str, Any], errors: list[dict[str, Any]]) -> None:
