@@ -139,6 +139,27 @@ def test_check_exits_with_the_data_code_for_an_empty_class_folder_and_a_bad_imag
     assert "1 unreadable image(s)" in err and "broken.jpg: empty file" in err and "[exit 3]" in err
 
 
+def test_check_never_downloads_and_names_fetch_for_missing_data(tmp_path, offline_env, monkeypatch, capsys):
+    """--data.init_args.download true is for fit and fetch: a check writes nothing, so it reports instead."""
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("transfer check tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "cifar"
+    empty.mkdir()
+    code = main([
+        "check", "--config", "resnet50-cifar10", "--config", "debug", f"--data.root={empty}",
+        "--data.init_args.download=true", *TINY_IMAGE_BACKBONE,
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "transfer fetch" in err
+    assert list(empty.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cifar"]
+
+
 @pytest.mark.slow
 def test_find_batch_size_returns_the_largest_power_of_two_under_a_memory_cap(tmp_path, cifar_root, monkeypatch, capsys):
     cap = 10  # samples: a larger batch "runs out of memory" as a full GPU would

@@ -15,7 +15,7 @@ import lightning as L
 from jsonargparse import Namespace
 
 from transfer_cli.check_report import config_changes, data_summary, model_summary, render
-from transfer_cli.errors import EXIT_OK, WeightsUnavailableError, as_transfer_error
+from transfer_cli.errors import EXIT_OK, DataError, WeightsUnavailableError, as_transfer_error
 
 HELP = """\
 usage: transfer check --config R [fit's flags] [--json] [--find_batch_size]
@@ -45,13 +45,14 @@ class Problems:
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
+        self.wants_download = False  # data.download asked for: missing data is for `transfer fetch`
 
     def add(self, err: BaseException) -> None:
         cause = as_transfer_error(err)
         if cause is None:
             raise err
         message = str(cause)
-        if isinstance(cause, WeightsUnavailableError):
+        if isinstance(cause, WeightsUnavailableError) or (self.wants_download and isinstance(cause, DataError)):
             message += " `transfer fetch` with the same flags downloads every file this config needs."
         if all(item["message"] != message for item in self.items):
             self.items.append({"exit_code": cause.exit_code, "kind": type(cause).__name__, "message": message})
@@ -102,6 +103,11 @@ def _cli_class() -> type:
             with self.problems.collect():
                 super().before_instantiate_classes()
             self.report["config_changes"] = config_changes(self, self._cli_args)
+            data_args = self._subconfig().data.get("init_args")
+            if data_args is not None and data_args.get("download"):
+                # A check writes nothing, so it never downloads: missing data is reported, naming `fetch`.
+                data_args.download = False
+                self.problems.wants_download = True
 
         def instantiate_classes(self) -> None:
             try:
