@@ -49,6 +49,9 @@ def test_check_on_the_cifar_recipe_reports_the_data_the_model_and_a_step_and_wri
     assert device["train_step_s"] > 0 and device["eval_step_s"] > 0 and device["peak_memory_bytes"] >= 0
     assert (device["train_batches"], device["val_batches"], device["epochs"]) == (2, 2, 1)  # the debug overlay
     assert device["run_s"] == pytest.approx(2 * device["train_step_s"] + 2 * device["eval_step_s"])
+    # What the user changed, and only that: not the defaults fit's hooks fill in (precision, the run's logger).
+    changed = {"data.init_args.root", *(flag.split("=")[0].lstrip("-") for flag in TINY_IMAGE_BACKBONE)}
+    assert set(report["config_changes"]) == changed, report["config_changes"]
     assert report["config_changes"]["data.init_args.root"] == str(cifar_root)
     assert report["problems"] == [] and report["exit_code"] == 0
 

@@ -100,9 +100,10 @@ def _cli_class() -> type:
             super().__init__(args=["fit", *args])
 
         def before_instantiate_classes(self) -> None:
+            # Before fit's hooks fill in defaults (precision, the run's logger): only what the user changed.
+            self.report["config_changes"] = config_changes(self, self._cli_args)
             with self.problems.collect():
                 super().before_instantiate_classes()
-            self.report["config_changes"] = config_changes(self, self._cli_args)
             data_args = self._subconfig().data.get("init_args")
             if data_args is not None and data_args.get("download"):
                 # A check writes nothing, so it never downloads: missing data is reported, naming `fetch`.
