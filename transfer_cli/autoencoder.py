@@ -19,6 +19,7 @@ from torch import nn
 from transfer_cli.backbones.base import Backbone, ImagePreprocessing
 from transfer_cli.errors import ConfigError
 from transfer_cli.model import default_optimizer
+from transfer_cli.runs import run_dir
 from transfer_cli.schedules import optimizers
 
 # CIFAR-10 training-set channel statistics: the encoder is trained from scratch on CIFAR-10, so
@@ -159,8 +160,8 @@ class Autoencoder(L.LightningModule):
         # Only training runs have a run directory (validate/test leave no files behind).
         if preview is None or self.preview_images <= 0 or trainer.sanity_checking or trainer.logger is None:
             return
-        if trainer.is_global_zero and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / f"reconstructions-epoch={trainer.current_epoch}.png"
+        if trainer.is_global_zero and run_dir(trainer) is not None:
+            path = Path(run_dir(trainer)) / f"reconstructions-epoch={trainer.current_epoch}.png"
             save_preview(*preview, self.backbone.preprocessing(), path)
 
     def configure_optimizers(self) -> Any:

@@ -46,6 +46,7 @@ from transfer_cli.runs import (
     keep_metrics,
     remove_empty_run,
     resolve_last,
+    run_dir,
 )
 
 CKPT_SUBCOMMANDS = ("validate", "test", "predict")
@@ -311,7 +312,7 @@ class TransferCLI(LightningCLIBase):
             self._run(self.trainer.fit, **kwargs)
         except BaseException:
             if self._resumed_run is None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
-                remove_empty_run(self.trainer.log_dir)
+                remove_empty_run(run_dir(self.trainer))
             raise
 
     def validate(self, **kwargs: Any) -> None:

@@ -3,7 +3,7 @@
 The config is resolved by the real TransferCLI with fit's arguments and nothing is instantiated (an
 instantiation would download the files one at a time and stop at the first that fails). What each
 backbone and datamodule needs, and where it goes, is asked of the same module fit uses to find it;
-data is fetched by the datamodules' own download functions.
+data is fetched by the datamodules' own fetch functions.
 """
 
 import contextlib
@@ -105,7 +105,7 @@ def _data_needs(data: Any) -> list[Needed]:
     ):
         if cls.__name__ == name:
             return [Needed(name.removesuffix("DataModule"), str(root / layout), find(root) is not None,
-                           lambda m=module: m.download(root), module.ARCHIVE_URL)]  # fmt: skip
+                           lambda m=module: m.fetch(root), module.ARCHIVE_URL)]  # fmt: skip
     return []
 
 

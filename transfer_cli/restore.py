@@ -87,7 +87,7 @@ class Restored:
         """Give the data what the model was trained with: the backbone's tokenizer or transform, then
         the stored image preprocessing, even if a newer torchvision describes the weights anew."""
         datamodule.connect(model.backbone)
-        datamodule.use_stored_preprocessing(self.checkpoint["transfer"].get("preprocessing"))
+        datamodule.use_stored_preprocessing(None if self.preprocessing is None else self.preprocessing.to_dict())
 
 
 def restore(path: str | Path, option: str = "--ckpt") -> Restored:

@@ -212,3 +212,15 @@ def remove_empty_run(run_dir: Any) -> None:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_dir(trainer: Any) -> str | None:
+    """The directory a run writes its files to, as `trainer.log_dir` names it, without its broadcast.
+
+    `trainer.log_dir` is a collective under DDP: asked on rank zero alone (to write a file only there),
+    it waits for processes that have moved on or exited, and fails ("Connection closed by peer").
+    """
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    return getattr(logger, "log_dir", None) or logger.save_dir

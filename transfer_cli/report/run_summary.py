@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from transfer_cli.lightning_private import logging_step, logs_this_step
 from transfer_cli.report.plots import curves_png
+from transfer_cli.runs import run_dir
 
 EPOCH_METRICS = ("train_loss_epoch", "train_acc", "val_loss", "val_acc")
 
@@ -79,17 +80,17 @@ class RunSummary(Callback):
                 print(f"transfer: could not draw the training curves: {err}", file=sys.stderr)
 
     def _write(self, trainer: L.Trainer, interrupted: bool) -> None:
-        if not trainer.is_global_zero or trainer.logger is None or trainer.log_dir is None:
+        if not trainer.is_global_zero or trainer.logger is None or run_dir(trainer) is None:
             return
         for logger in trainer.loggers:
             logger.save()  # rows Lightning still buffers (it flushes them only at teardown)
-        run_dir = Path(trainer.log_dir)
-        epochs, rates = read_metrics(run_dir)
+        folder = Path(run_dir(trainer))
+        epochs, rates = read_metrics(folder)
         if not epochs and not rates:
             return
-        curves = run_dir / "curves.png"
+        curves = folder / "curves.png"
         _atomic(curves, lambda tmp: curves_png(tmp, epochs, rates, _unfreeze_epoch(trainer)))
-        summary = run_dir / "summary.json"
+        summary = folder / "summary.json"
         text = json.dumps(self._summary(trainer, epochs, interrupted), indent=2) + "\n"
         _atomic(summary, lambda tmp: tmp.write_text(text))
         print(f"curves: {curves}\nsummary: {summary}", file=sys.stderr)
