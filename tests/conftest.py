@@ -1,6 +1,7 @@
 """Shared test fixtures: real data from ../shared/data (or $TRANSFER_TEST_DATA), and CLI runners."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,13 @@ def offline_env(tmp_path, monkeypatch) -> dict[str, str]:
     for key in ("TORCH_HOME", "HF_HOME", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, env[key])
     return env
+
+
+# Tests send Ctrl-C (SIGINT) to the transfer processes they start. A shell that runs the suite in the
+# background without job control (`pytest ... &` in a script) starts it with SIGINT ignored, and an
+# ignored signal stays ignored in every child: give this process Python's own handler, so the children
+# it starts get the default one and turn Ctrl-C into KeyboardInterrupt as in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_transfer(

@@ -66,7 +66,7 @@ class Restored:
         """The stored model with its weights (strictly), in eval mode, on the CPU; never downloads."""
         config = _deep_copy(self.model_config)
         config.setdefault("init_args", {})["class_names"] = list(self.class_names)
-        model = _instantiate(LightningModule, "model", config, self.path)
+        model = build_stored(LightningModule, "model", config, self.path)
         self.load_weights(model)
         return model.eval()
 
@@ -78,7 +78,7 @@ class Restored:
         """
         config = _deep_copy(self.data_config)
         config.setdefault("init_args", {}).update({"class_names": list(self.class_names), **overrides})
-        return _instantiate(LightningDataModule, "data", config, self.path)
+        return build_stored(LightningDataModule, "data", config, self.path)
 
     def load_weights(self, model: LightningModule) -> None:
         load_weights(model, self.checkpoint, self.path)
@@ -132,8 +132,10 @@ def _offline_model_config(meta: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
-def _instantiate(base: type, key: str, config: dict[str, Any], path: Path) -> Any:
-    """Build `config` as the CLI would: jsonargparse validates it against the class's signature."""
+def build_stored(base: type, key: str, config: dict[str, Any], path: Path | str) -> Any:
+    """Build a config stored in checkpoint `path` as the CLI would: jsonargparse validates it against the
+    class's signature. Anything it cannot build (a class or argument this installation lacks, a missing
+    file) is a CheckpointError (exit 4) naming the class and the checkpoint."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)

@@ -9,11 +9,9 @@ file for the inner backbone's config, and that model's own checkpoint carries th
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
-
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.checkpoint import check_class_paths, read_checkpoint
-from transfer_cli.errors import CheckpointError, ConfigError, TransferError
+from transfer_cli.errors import CheckpointError, ConfigError
 
 OPTION = "model.init_args.backbone.init_args.checkpoint"
 STATE_PREFIX = "backbone."
@@ -98,33 +96,10 @@ def _read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _build(config: dict[str, Any], checkpoint: str) -> Backbone:
     """Instantiate the stored backbone the way the CLI does: jsonargparse, the signature as schema."""
+    from transfer_cli.restore import build_stored  # restore builds whole models, which hold backbones
+
     check_class_paths(config, checkpoint)  # before jsonargparse imports anything it names
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(Backbone, "backbone", required=True)
-    # jsonargparse 4.49 renamed instantiate_classes to instantiate; the oldest supported has only the former.
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    try:
-        return instantiate(parser.parse_object({"backbone": config})).backbone
-    except Exception as err:  # jsonargparse raises (and wraps) its own error types
-        cause = _transfer_error(err)
-        if isinstance(cause, CheckpointError):
-            raise cause from err
-        # A ConfigError of the stored backbone (a missing weights file, an unknown name) is, here,
-        # a checkpoint that holds a config this installation cannot rebuild.
-        detail = str(cause) if cause is not None else " ".join(line.strip() for line in str(err).splitlines())
-        raise CheckpointError(
-            f"Cannot rebuild the backbone {config.get('class_path')!r} stored in {checkpoint} ({OPTION}): {detail}"
-        ) from err
-
-
-def _transfer_error(err: BaseException | None) -> TransferError | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, TransferError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return build_stored(Backbone, "backbone", config, f"{checkpoint} ({OPTION})")
 
 
 def _load(encoder: Backbone, state: dict[str, Any], checkpoint: str) -> None:
