@@ -1,5 +1,9 @@
 """Lightning's DDP is the engine beyond one device: two CPU processes (gloo) through the real CLI."""
 
+import json
+import pickle
+from pathlib import Path
+
 import torch
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer
@@ -35,3 +39,40 @@ def test_gradual_unfreezing_is_refused_on_several_devices(tmp_path, cifar_root, 
     # Refused before the other processes start: an error after that could abort them all (SIGABRT).
     assert "Initializing distributed" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def _odd_cifar(tmp_path: Path, cifar_root: Path, keep: int) -> Path:
+    """The real CIFAR-10 files with a test_batch of its first `keep` images (the real ones)."""
+    from transfer_cli.data.cifar10 import read_batch
+
+    source, target = cifar_root / "cifar-10-batches-py", tmp_path / "odd" / "cifar-10-batches-py"
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name != "test_batch":
+            (target / path.name).symlink_to(path)
+    images, labels = read_batch(source / "test_batch")
+    batch = {"data": images[:keep].reshape(keep, -1).numpy(), "labels": labels[:keep].tolist()}
+    with open(target / "test_batch", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    return target.parent
+
+
+def test_an_evaluation_report_on_two_processes_counts_every_example_once(tmp_path, cifar_root, offline_env):
+    """DistributedSampler pads an odd test set with a repeated example so both processes get as many;
+    the report must not count it, and must equal the one-process report."""
+    ckpt = Path(__file__).parent / "fixtures" / "image-v1.ckpt"
+    examples = 999
+    root = _odd_cifar(tmp_path, cifar_root, examples)
+    reports = []
+    for extra in ((), DDP):
+        result = run_transfer(
+            "test", "--ckpt", ckpt, f"--data.root={root}", "--trainer.accelerator=cpu", *extra, "--report", "-",
+            cwd=tmp_path, env=offline_env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads(result.stdout))
+    single, ddp = reports
+    assert ddp["num_examples"] == single["num_examples"] == examples
+    assert sum(map(sum, ddp["confusion_matrix"])) == examples
+    assert ddp["confusion_matrix"] == single["confusion_matrix"]
+    assert ddp["accuracy"] == single["accuracy"]
