@@ -4,6 +4,11 @@ The message is the whole user-facing story: what is wrong, where, how to fix it.
 prints it without a traceback (unless --debug) and exits with `exit_code`.
 """
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATA = 3
@@ -81,3 +86,22 @@ def as_transfer_error(err: BaseException) -> BaseException | None:
             )
         err = err.__cause__ or err.__context__
     return None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt(message: str) -> Iterator[None]:
+    """Within the block, SIGTERM raises Interrupted (exit 143) like Ctrl-C, so `with` blocks and `finally`
+    clean up what they staged; outside a Lightning run SIGTERM's default would end the process on the spot.
+    Handlers can only be set from the main thread: elsewhere (an in-process caller's choice) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(message, EXIT_TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

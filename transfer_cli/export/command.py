@@ -1,20 +1,16 @@
 """The `export` verb: a plain function whose signature is its command line."""
 
-import contextlib
 import copy
 import json as jsonlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from transfer_cli import __version__
 from transfer_cli.checkpoint import is_tokenizer_file_name
-from transfer_cli.errors import EXIT_TERMINATED, ConfigError, ExportParityError, Interrupted, ResourceError
+from transfer_cli.errors import ConfigError, ExportParityError, ResourceError, sigterm_as_interrupt
 from transfer_cli.export import onnx, pt2, safetensors
 from transfer_cli.export.deploy import deploy_module, input_names, output_names
 from transfer_cli.export.files import Staging
@@ -51,7 +47,7 @@ def export(
     _check_replaceable(final, fmt)
     source = load_source(ckpt)
     samples, cases = parity_cases(source, os.path.expanduser(input) if input else None)
-    with _terminable(), Staging(final) as staging:
+    with sigterm_as_interrupt("terminated (SIGTERM); nothing was written"), Staging(final) as staging:
         names = _write(fmt, source, staging, final)
         report = check(source, _runner(fmt, source, staging.path(final.name)), cases, fmt, str(final), samples)
         print_report(report)
@@ -63,23 +59,6 @@ def export(
     beside = f" (tokenizer: {_tokenizer_dir(final)})" if len(names) > 1 else ""
     print(f"exported: {final}{beside}", file=sys.stderr)
     return 0
-
-
-@contextlib.contextmanager
-def _terminable() -> Iterator[None]:
-    """SIGTERM ends an export as Ctrl-C does, through the `with` blocks, so the staged files go too."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread (an in-process caller's choice)
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise Interrupted("terminated (SIGTERM); nothing was written", EXIT_TERMINATED)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _format(given: str | None, output: str) -> str:

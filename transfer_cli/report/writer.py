@@ -1,20 +1,16 @@
 """The report directory: complete or absent (built under DIR.tmp-XXXX, then renamed), never half-written."""
 
-import contextlib
 import csv
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
-from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.errors import EXIT_TERMINATED, ConfigError, Interrupted
+from transfer_cli.errors import ConfigError, sigterm_as_interrupt
 from transfer_cli.report.plots import calibration_png, confusion_matrix_png
 from transfer_cli.runs import check_writable
 
@@ -69,31 +65,13 @@ def write_report(directory: str, document: dict[str, Any], errors: list[dict[str
     target = Path(os.path.abspath(Path(directory).expanduser()))
     target.parent.mkdir(parents=True, exist_ok=True)
     in_place = target.is_dir()  # empty: checked before the evaluation
-    with _terminable():
+    with sigterm_as_interrupt("terminated (SIGTERM) while writing the report; no report was written"):
         # Beside a new folder, so it is renamed into place whole; inside an existing one, which stays
         # where it is (a shell may be in it) and which alone needs to be writable.
         where = (target, ".report.tmp-") if in_place else (target.parent, f"{target.name}.tmp-")
         staging = Path(tempfile.mkdtemp(prefix=where[1], dir=where[0]))
         _build(staging, target, document, errors)
     return target
-
-
-@contextlib.contextmanager
-def _terminable() -> Iterator[None]:
-    """The report is written after Lightning's run has given SIGTERM back to its default action, which
-    would end the process on the spot and leave the staging folder behind; end it as Ctrl-C does instead."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be set from the main thread (an in-process caller's choice)
-        return
-
-    def stop(signum: int, frame: object) -> None:
-        raise Interrupted("terminated (SIGTERM) while writing the report; no report was written", EXIT_TERMINATED)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _build(staging: Path, target: Path, document: dict[str, Any], errors: list[dict[str, Any]]) -> None:
