@@ -32,8 +32,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "overhead": _train(32, batch_size=32, warmup=20, steps=200, repeats=3),
         "probe": {"model": "resnet50", "image_size": 32, "images": 1024, "batch_size": 64, "epochs": 10, "repeats": 2},
         "startup": {"repeats": 5, "heavy_repeats": 2},
-        "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "images": 64, "batch_size": 16}
-        | {"repeats": 3},
+        "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 1000], "batch_size": 16}
+        | {"repeats": 3, "memory_inputs": 10000},
     },
     "cuda": {
         "resnet50_224": _train(224, batch_size=256, warmup=10, steps=40, repeats=3),
@@ -43,8 +43,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "probe": {"model": "resnet50", "image_size": 224, "images": 4096, "batch_size": 256, "epochs": 10}
         | {"repeats": 2},
         "startup": {"repeats": 7, "heavy_repeats": 3},
-        "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "images": 256, "batch_size": 64}
-        | {"repeats": 3},
+        "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "counts": [1, 1000], "batch_size": 64}
+        | {"repeats": 3, "memory_inputs": 10000},
     },
     # A smoke test of the whole script in a couple of minutes; the numbers mean little.
     "quick": {
@@ -54,7 +54,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "overhead": _train(32, batch_size=8, warmup=5, steps=20, repeats=1),
         "probe": {"model": "resnet50", "image_size": 32, "images": 32, "batch_size": 16, "epochs": 2, "repeats": 1},
         "startup": {"repeats": 2, "heavy_repeats": 1},
-        "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "images": 16, "batch_size": 8}
-        | {"repeats": 1},
+        "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 16], "batch_size": 8}
+        | {"repeats": 1, "memory_inputs": 100},
     },
 }

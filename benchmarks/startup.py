@@ -32,11 +32,13 @@ def offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _median_seconds(command: list[str], repeats: int) -> dict[str, Any]:
+def _median_seconds(command: list[str], repeats: int, **env: str) -> dict[str, Any]:
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=offline_env())
+        subprocess.run(
+            command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**offline_env(), **env}
+        )
         runs.append(time.perf_counter() - start)
     return {"seconds": statistics.median(runs), "seconds_runs": runs}
 
@@ -51,7 +53,12 @@ def startup_case(spec: dict[str, Any]) -> dict[str, Any]:
         torch_runs += _median_seconds([sys.executable, "-c", "import torch"], 1)["seconds_runs"]
     sides["transfer_help"] = {"seconds": statistics.median(help_runs), "seconds_runs": help_runs}
     sides["import_torch"] = {"seconds": statistics.median(torch_runs), "seconds_runs": torch_runs}
-    sides["transfer_fit_help"] = _median_seconds([*transfer, "fit", "--help"], spec["heavy_repeats"])
+    fit_help = [*transfer, "fit", "--help"]
+    # Built once per installation and source version, then read from the cache (transfer_cli.help_cache).
+    sides["transfer_fit_help_built"] = _median_seconds(fit_help, spec["heavy_repeats"], TRANSFER_HELP_CACHE="0")
+    with tempfile.TemporaryDirectory(prefix="transfer-bench-cache-") as cache:
+        _median_seconds(fit_help, 1, TRANSFER_CACHE_DIR=cache)  # fills the cache; not timed
+        sides["transfer_fit_help"] = _median_seconds(fit_help, spec["repeats"], TRANSFER_CACHE_DIR=cache)
     help_s = sides["transfer_help"]["seconds"]
     return {"unit": "s", "sides": sides, "ratio": help_s / sides["import_torch"]["seconds"]}
 
@@ -110,40 +117,67 @@ def _train_checkpoint(root: Path, spec: dict[str, Any], accelerator: str) -> Pat
     return found[-1]
 
 
-def _time_rows(command: list[str], expected_rows: int) -> dict[str, float]:
-    """Seconds from launch to the first line on stdout, and to the end; checks every row came out."""
-    with tempfile.TemporaryFile() as errors:
+def _time_rows(command: list[str], expected_rows: int, stdin: Path | None = None) -> dict[str, float]:
+    """Seconds from launch to the first line on stdout, and to the end, and the process's peak resident
+    memory; checks every row came out."""
+    with tempfile.TemporaryFile() as errors, open(stdin or os.devnull, "rb") as source:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, env=offline_env())
+        process = subprocess.Popen(command, stdin=source, stdout=subprocess.PIPE, stderr=errors, env=offline_env())
         first_line = process.stdout.readline()
         first = time.perf_counter() - start
         rows = (1 if first_line.strip() else 0) + sum(1 for line in process.stdout if line.strip())
-        code = process.wait()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
         total = time.perf_counter() - start
         errors.seek(0)
         message = errors.read().decode(errors="replace")[-3000:]
-    if code != 0 or rows != expected_rows:
-        raise RuntimeError(f"{command[:3]} exited {code} with {rows}/{expected_rows} rows:\n{message}")
-    return {"first_row_s": first, "total_s": total}
+    if process.returncode != 0 or rows != expected_rows:
+        raise RuntimeError(f"{command[:3]} exited {process.returncode} with {rows}/{expected_rows} rows:\n{message}")
+    return {"first_row_s": first, "total_s": total, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
 def first_row_case(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """Time to the first row and to all rows for each input count, beside plain_predict.py; then the
+    peak memory of predicting a stdin list of `memory_inputs` paths against one ten times shorter."""
     accelerator = "gpu" if device == "cuda" else "cpu"
+    counts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
         root = Path(tmp)
         checkpoint = _train_checkpoint(root, spec, accelerator)
-        inputs = root / "predict"
-        _write_pngs(inputs, spec["images"], spec["source_size"], seed=7)
-        tool = [*transfer_command(), "predict", "--ckpt", str(checkpoint), "--input", str(inputs)]
+        for count in spec["counts"]:
+            inputs = root / f"predict-{count}"
+            _write_pngs(inputs, count, spec["source_size"], seed=7)
+            tool = [*transfer_command(), "predict", "--ckpt", str(checkpoint), "--input", str(inputs)]
+            tool += ["--trainer.accelerator", accelerator]
+            plain = [sys.executable, str(HERE / "plain_predict.py"), str(checkpoint), str(inputs), "--device", device]
+            runs: dict[str, list[dict[str, float]]] = {"transfer": [], "plain": []}
+            for _ in range(spec["repeats"]):
+                runs["transfer"].append(_time_rows(tool, count))
+                runs["plain"].append(_time_rows(plain, count))
+            sides = {}
+            for name, side_runs in runs.items():
+                sides[name] = {k: statistics.median(run[k] for run in side_runs) for k in ("first_row_s", "total_s")}
+                sides[name]["first_row_s_runs"] = [run["first_row_s"] for run in side_runs]
+            counts[str(count)] = {
+                "sides": sides,
+                "ratio": sides["transfer"]["first_row_s"] / sides["plain"]["first_row_s"],
+                "total_ratio": sides["transfer"]["total_s"] / sides["plain"]["total_s"],
+            }
+        memory = _predict_memory(root, checkpoint, spec["memory_inputs"], accelerator)
+    first = counts[str(spec["counts"][0])]
+    return {"unit": "s", "counts": counts, "sides": first["sides"], "ratio": first["ratio"], "memory": memory}
+
+
+def _predict_memory(root: Path, checkpoint: Path, inputs: int, accelerator: str) -> dict[str, Any]:
+    images = root / "memory-images"
+    _write_pngs(images, 64, 32, seed=11)
+    files = sorted(str(p) for p in images.iterdir())
+    peaks = {}
+    for count in (inputs // 10, inputs):
+        listing = root / f"list-{count}.txt"
+        listing.write_text("".join(files[i % len(files)] + "\n" for i in range(count)))
+        tool = [*transfer_command(), "predict", "--ckpt", str(checkpoint), "--input", "-"]
         tool += ["--trainer.accelerator", accelerator]
-        plain = [sys.executable, str(HERE / "plain_predict.py"), str(checkpoint), str(inputs), "--device", device]
-        runs: dict[str, list[dict[str, float]]] = {"transfer": [], "plain": []}
-        for _ in range(spec["repeats"]):
-            runs["transfer"].append(_time_rows(tool, spec["images"]))
-            runs["plain"].append(_time_rows(plain, spec["images"]))
-    sides = {}
-    for name, side_runs in runs.items():
-        sides[name] = {key: statistics.median(run[key] for run in side_runs) for key in ("first_row_s", "total_s")}
-        sides[name]["first_row_s_runs"] = [run["first_row_s"] for run in side_runs]
-    ratio = sides["transfer"]["first_row_s"] / sides["plain"]["first_row_s"]
-    return {"unit": "s", "sides": sides, "ratio": ratio}
+        peaks[str(count)] = _time_rows(tool, count, stdin=listing)["peak_rss_mb"]
+    small, large = (peaks[str(c)] for c in (inputs // 10, inputs))
+    return {"peak_rss_mb": peaks, "growth": large / small - 1}

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,10 @@ def offline_env(tmp_path, monkeypatch) -> dict[str, str]:
 # ignored signal stays ignored in every child: give this process Python's own handler, so the children
 # it starts get the default one and turn Ctrl-C into KeyboardInterrupt as in a terminal.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# `transfer VERB --help` keeps its text in a cache (transfer_cli.help_cache); the suite's goes to a
+# folder of its own, never the user's ~/.cache.
+os.environ.setdefault("TRANSFER_CACHE_DIR", tempfile.mkdtemp(prefix="transfer-test-cache-"))
 
 
 def run_transfer(

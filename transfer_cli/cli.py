@@ -58,6 +58,8 @@ class TransferCLI(LightningCLIBase):
         # --ckpt_path files already checked -> whether they carry Lightning hyper_parameters to merge.
         self._checked_ckpt_paths: dict[Path, bool] = {}
         self._resumed_run: Path | None = None
+        given = sys.argv[1:] if args is None else args
+        self.only_subcommand = given[0] if run and given and given[0] in SUBCOMMANDS else None
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
@@ -79,7 +81,7 @@ class TransferCLI(LightningCLIBase):
             parser_kwargs={
                 "prog": "transfer",
                 "exit_on_error": False,
-                **{c: {"exit_on_error": False} for c in SUBCOMMANDS},
+                **{c: {"exit_on_error": False} for c in self.subcommands()},
             },
             args=args,
             run=run,

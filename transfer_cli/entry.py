@@ -28,6 +28,7 @@ from typing import Any
 
 from transfer_cli import __version__
 from transfer_cli.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, as_transfer_error
+from transfer_cli.help_cache import cached_help, is_plain_help
 
 # One table of verbs: the usage text, the unknown-verb hint and the dispatch all come from it. A verb
 # without a target is Lightning's and goes to the LightningCLI; the others are plain functions
@@ -81,6 +82,9 @@ def _usage() -> str:
 
 
 def _dispatch(args: list[str]) -> int:
+    from transfer_cli.lean_imports import torchmetrics_without_extras
+
+    torchmetrics_without_extras()  # before anything imports lightning: seconds off every verb's start
     target = VERBS.get(args[0], (None, None))[1]
     if target is None:
         from transfer_cli.cli import run
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transfer: error: {_unknown_subcommand(args[0])}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if is_plain_help(args):
+            return cached_help(args, lambda: _run_verb(args, debug))
         return _run_verb(args, debug)
     finally:
         _leave_process_group()

@@ -199,7 +199,8 @@ def logging_step(trainer: L.Trainer) -> int:
 class LightningCLIBase(LightningCLI):
     """LightningCLI with public names for the private methods and attributes a subclass needs (Lightning 2.5-2.6).
 
-    Depends on: `_prepare_subcommand_parser(klass, subcommand, **kwargs)` building each subcommand's
+    Depends on: `self.subcommands()` being the table of the subcommands whose parsers are built;
+    `_prepare_subcommand_parser(klass, subcommand, **kwargs)` building each subcommand's
     parser and `_subcommand_parsers` keeping them by name; `_parser(subcommand)` (None: the main parser);
     `_get(config, key, default)` reading a key of the running subcommand's config; `_parse_ckpt_path()`
     running after parsing and before instantiation, where Lightning loads a `--ckpt_path`'s
@@ -207,6 +208,14 @@ class LightningCLIBase(LightningCLI):
     with extra callbacks (and the config-saving callback). Subclasses override `extend_subcommand_parser`
     and `parse_ckpt_path` instead of the private methods.
     """
+
+    # The one subcommand being run, when known before parsing: only its parser is built (each costs a
+    # few tenths of a second, and start-up is what a user of `transfer predict` in a pipeline waits for).
+    only_subcommand: str | None = None
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  (an instance's view of the static table)
+        every = LightningCLI.subcommands()
+        return {self.only_subcommand: every[self.only_subcommand]} if self.only_subcommand in every else every
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
