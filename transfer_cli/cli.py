@@ -77,6 +77,10 @@ class TransferCLI(LightningCLIBase):
             },
             seed_everything_default=42,
             auto_configure_optimizers=False,
+            # Lightning would dump the whole parsed config into every model's hparams for
+            # `load_from_checkpoint`; transfer restores from its own metadata (restore.py) and the
+            # dump cost a few tenths of a second of every start-up.
+            load_from_checkpoint_support=False,
             # Errors come back as exceptions and are reported as one paragraph, not a usage dump.
             parser_kwargs={
                 "prog": "transfer",
