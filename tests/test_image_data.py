@@ -121,6 +121,29 @@ def test_resize_center_crop_and_augmentation_keep_shapes():
     assert flipped.min() >= 0 and flipped.max() <= 255 and not np.isnan(flipped.numpy()).any()
 
 
+def _padded_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation written out the slow way: reflect-pad, crop each image at its offset, flip half."""
+    batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images.float(), (padding,) * 4, mode="reflect") if padding else images.float()
+    offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator) if padding else [0] * batch
+    offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator) if padding else [0] * batch
+    flip = torch.rand(batch, generator=generator) < 0.5
+    out = []
+    for i in range(batch):
+        crop = padded[i, :, offset_y[i] : offset_y[i] + height, offset_x[i] : offset_x[i] + width]
+        out.append(crop.flip(-1) if flip[i] else crop)
+    return torch.stack(out).to(images.dtype)
+
+
+@pytest.mark.parametrize("padding", [0, 1, 4, 7])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_the_gathered_crop_and_flip_equals_padding_cropping_and_flipping(padding, dtype):
+    images = torch.randint(0, 256, (16, 3, 8, 11), dtype=torch.uint8).to(dtype)
+    fast = random_crop_flip(images, padding, generator=torch.Generator().manual_seed(5))
+    slow = _padded_crop_flip(images, padding, generator=torch.Generator().manual_seed(5))
+    assert fast.dtype == dtype and torch.equal(fast, slow)
+
+
 def test_file_images_and_in_memory_images_reach_the_backbone_alike(cifar_root, tmp_path):
     """The same picture from a PNG file (ImageFolder, predict) and from the CIFAR pickle (training)
     must give the backbone the same tensor, at the native size and upscaled."""

@@ -152,23 +152,33 @@ def _resize(images: torch.Tensor, size: tuple[int, int], interpolation: str) -> 
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-image random crop after reflect padding, and random horizontal flip, for a whole batch."""
-    batch, _, height, width = images.shape
+    """Per-image random crop after reflect padding, and random horizontal flip, for a whole batch.
+
+    The padding, the crop and the flip only choose which source pixel each output pixel is, so they
+    are one row index and one column index per image, applied by two gathers in the input's own
+    dtype: no padded copy, no float round trip for uint8, several times faster per step than padding,
+    indexing and flipping the batch (and the same pixels: tests/test_image_data.py).
+    """
+    batch, channels, height, width = images.shape
     device = images.device  # random numbers are drawn where the batch is: no host-device copies
+    rows = torch.arange(height, device=device).expand(batch, height)
+    cols = torch.arange(width, device=device).expand(batch, width)
     if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding), mode="reflect")
         offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
         offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
-        rows = (offset_y[:, None] + torch.arange(height, device=device))[:, None, :, None]
-        cols = (offset_x[:, None] + torch.arange(width, device=device))[:, None, None, :]
-        images = padded[
-            torch.arange(batch, device=device)[:, None, None, None],
-            torch.arange(3, device=device)[None, :, None, None],
-            rows,
-            cols,
-        ]
-    flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[:, None, None, None]
-    return torch.where(flip, images.flip(-1), images)
+        rows = _reflect(rows + (offset_y - padding)[:, None], height)
+        cols = _reflect(cols + (offset_x - padding)[:, None], width)
+    flip = torch.rand(batch, generator=generator, device=device) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(-1), cols)
+    shape = (batch, channels, height, width)
+    picked = images.gather(2, rows[:, None, :, None].expand(shape))
+    return picked.gather(3, cols[:, None, None, :].expand(shape))
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions outside [0, size) mirrored back in without repeating the edge, as reflect padding does."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
 class BatchImageTransform:
@@ -184,7 +194,7 @@ class BatchImageTransform:
         if augment:
             # Crop at the native resolution (CIFAR's classic pad-4-of-32), then scale like evaluation.
             # Cropping and flipping only move pixels, so the uint8 values come back exactly.
-            images = random_crop_flip(images.float(), padding=max(1, images.shape[-1] // 8)).to(images.dtype)
+            images = random_crop_flip(images, padding=max(1, images.shape[-1] // 8))
         # Resized as uint8 (rounded), exactly as image files are in the loader workers (ImageFiles):
         # in-memory images (CIFAR-10) are then trained and evaluated on the pixels that predicting on
         # their files sees. Resized as floats, they differed by up to half a grey level.
