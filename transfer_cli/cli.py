@@ -298,7 +298,8 @@ class TransferCLI(LightningCLIBase):
         for callback in self.trainer.callbacks:
             if isinstance(callback, FinetuningPolicy):
                 # Before Lightning starts the other processes: an error after that ends them all at once.
-                callback.check_devices(self.trainer.num_devices * self.trainer.num_nodes)
+                processes = self.trainer.num_devices * self.trainer.num_nodes
+                callback.check_devices(processes, self.trainer.strategy)
 
     def fit(self, **kwargs: Any) -> None:
         # Data errors surface here, before the logger creates a run directory or workers start.
