@@ -53,7 +53,7 @@ def test_gradual_under_torchrun_keeps_replicas_identical_across_the_unfreeze_and
     env = _env(offline_env)
     fit = (
         "fit", "--config", "resnet50-cifar10", "--config", "debug", "--config", "ddp", f"--data.root={cifar_root}",
-        *TINY_IMAGE_BACKBONE, "--trainer.accelerator=cpu", "--trainer.devices=2", *GRADUAL, PROBE,
+        *TINY_IMAGE_BACKBONE, "--trainer.accelerator=cpu", *GRADUAL, PROBE,  # devices auto: one per process
     )  # fmt: skip
     result = _torchrun(*fit, "--trainer.max_epochs=2", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -105,3 +105,20 @@ def test_gradual_is_refused_early_with_strategies_that_are_not_re_wrapped():
     policy.check_devices(2, DDPStrategy())  # synchronised by re-wrapping
     policy.check_devices(1, ModelParallelStrategy())  # nothing to synchronise
     FinetuningPolicy(strategy="full").check_devices(2, ModelParallelStrategy())
+
+
+def test_torchrun_sets_devices_auto_to_its_processes_and_refuses_a_count_that_disagrees(monkeypatch):
+    from jsonargparse import Namespace
+
+    from transfer_cli.cli import _fit_devices_to_launcher
+
+    launched = {"TORCHELASTIC_RUN_ID": "test", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4", "RANK": "0"}
+    for key, value in launched.items():
+        monkeypatch.setenv(key, value)
+    trainer = Namespace(devices="auto", num_nodes=2)
+    _fit_devices_to_launcher(trainer)
+    assert trainer.devices == 2
+    with pytest.raises(ConfigError, match="torchrun started 4 processes .2 per node.*--trainer.devices 2"):
+        _fit_devices_to_launcher(Namespace(devices=4, num_nodes=2))
+    with pytest.raises(ConfigError, match="make 2"):
+        _fit_devices_to_launcher(Namespace(devices="2", num_nodes=1))
