@@ -104,7 +104,9 @@ def test_check_names_every_problem_fit_would_stop_at_in_one_report(
         "check", "--config", "convnext-imagefolder", "--config", "debug", "--data.root", str(photos),
         "--model.init_args.backbone", "transfer_cli.backbones.TorchvisionBackbone",
         "--model.init_args.backbone.init_args.name=resnet18", "--model.init_args.backbone.init_args.image_size=32",
+        # gradual runs with DDP; a strategy it cannot keep synchronised is refused.
         "--finetuning.strategy", "gradual", "--trainer.devices", "2",
+        "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.logger.init_args.save_dir=/proc/transfer-runs", "--json",
     ])  # fmt: skip
     out = capsys.readouterr()

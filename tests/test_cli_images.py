@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 
 from conftest import REPO, TINY_IMAGE_BACKBONE, run_transfer
 
@@ -166,11 +167,24 @@ def test_test_subcommand_evaluates_a_checkpoint_on_its_own_data(tmp_path, cifar_
 def test_every_shipped_config_parses(tmp_path):
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs
-    for config in configs:
-        if config.stem == "debug":
-            continue
+    # An overlay (debug, ddp) names no model: they are parsed together, stacked on a recipe, as they are used.
+    overlays = [c for c in configs if "model" not in yaml.safe_load(c.read_text())]
+    for config in [c for c in configs if c not in overlays]:
         result = run_transfer("fit", "--config", config, "--print_config", cwd=tmp_path)
         assert result.returncode == 0, f"{config.name}: {result.stderr}"
+    stacked = [arg for overlay in overlays for arg in ("--config", overlay)]
+    result = run_transfer("fit", "--config", "resnet50-cifar10", *stacked, "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, f"{[o.name for o in overlays]}: {result.stderr}"
+    for overlay in overlays:  # each overlay's own settings are in the printed config (they share no key)
+        _assert_contains(yaml.safe_load(result.stdout), yaml.safe_load(overlay.read_text()), overlay.name)
+
+
+def _assert_contains(printed: dict, given: dict, where: str) -> None:
+    for key, value in given.items():
+        if isinstance(value, dict):
+            _assert_contains(printed[key], value, f"{where}: {key}")
+        else:
+            assert printed[key] == value, f"{where}: {key}"
 
 
 def test_fast_dev_run_trains_a_step_and_writes_nothing(tmp_path, cifar_root, offline_env):

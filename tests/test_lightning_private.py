@@ -309,3 +309,41 @@ def test_lightning_tips_are_logged_at_info_on_the_rank_zero_loggers_we_filter(tm
         for logger in loggers:
             logger.removeHandler(handler)
             logger.filters = filters[logger]
+
+
+# DistributedDataParallel -------------------------------------------------------------------------
+
+
+def test_ddp_strategy_configure_ddp_wraps_the_module_again_and_the_replaced_wrap_is_released():
+    """rewrap_ddp: a one-process gloo group stands in for several (the wrapping is the same)."""
+    import weakref
+
+    import torch.distributed as dist
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    from transfer_cli.lightning_private import rewrap_ddp
+
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = BoringModel()
+        model.layer.bias.requires_grad_(False)  # frozen when first wrapped
+        strategy = DDPStrategy(accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")])
+        strategy.connect(model)
+        strategy.configure_ddp()
+        first = weakref.ref(strategy.model)
+        assert isinstance(first(), DistributedDataParallel)
+        model.layer.bias.requires_grad_(True)
+        rewrap_ddp(strategy)
+        assert first() is None  # its reducer, and the autograd hooks it registered, are gone
+        assert isinstance(strategy.model, DistributedDataParallel) and strategy.model.module is model
+        assert strategy.lightning_module is model
+        for _ in range(2):  # a reducer left behind would mark the gradients ready twice and fail here
+            strategy.model(torch.randn(4, 32)).sum().backward()
+        assert model.layer.bias.grad is not None
+    finally:
+        if started_here:
+            dist.destroy_process_group()

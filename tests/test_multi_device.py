@@ -32,15 +32,6 @@ def test_ddp_fit_writes_one_run_and_one_summary(tmp_path, cifar_root, offline_en
     assert (runs[0] / "curves.png").is_file() and (runs[0] / "summary.json").is_file()
 
 
-def test_gradual_unfreezing_is_refused_on_several_devices(tmp_path, cifar_root, offline_env):
-    result = _fit(tmp_path, cifar_root, offline_env, "--finetuning.strategy=gradual")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "gradual cannot run on several devices" in result.stderr
-    # Refused before the other processes start: an error after that could abort them all (SIGABRT).
-    assert "Initializing distributed" not in result.stderr
-    assert not (tmp_path / "runs").exists()
-
-
 def _odd_cifar(tmp_path: Path, cifar_root: Path, keep: int) -> Path:
     """The real CIFAR-10 files with a test_batch of its first `keep` images (the real ones)."""
     from transfer_cli.data.cifar10 import read_batch

@@ -156,6 +156,7 @@ class TransferCLI(LightningCLIBase):
         chosen = self.config.get("subcommand")  # the parser's answer, not a guess from the words given
         config = self.config[chosen] if chosen else self.config
         _check_trainer_names(config.get("trainer"))
+        _fit_devices_to_launcher(config.get("trainer"))
         _check_data_ranges(config.get("data"))
 
     def parse_ckpt_path(self) -> None:
@@ -304,7 +305,8 @@ class TransferCLI(LightningCLIBase):
         for callback in self.trainer.callbacks:
             if isinstance(callback, FinetuningPolicy):
                 # Before Lightning starts the other processes: an error after that ends them all at once.
-                callback.check_devices(self.trainer.num_devices * self.trainer.num_nodes)
+                processes = self.trainer.num_devices * self.trainer.num_nodes
+                callback.check_devices(processes, self.trainer.strategy)
 
     def fit(self, **kwargs: Any) -> None:
         # Data errors surface here, before the logger creates a run directory or workers start.
@@ -442,6 +444,26 @@ def _check_trainer_names(trainer: Any) -> None:
             close = difflib.get_close_matches(value.lower(), names, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]}?" if close else ""
             raise ConfigError(f"Unknown trainer.{key} {value!r}.{hint} Choose one of: {', '.join(sorted(names))}.")
+
+
+def _fit_devices_to_launcher(trainer: Any) -> None:
+    """Under torchrun, devices auto means one device per started process, and a count that disagrees
+    with the processes started is refused here; Lightning would stop every process with a ValueError."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    if trainer is None or not TorchElasticEnvironment.detect():
+        return
+    per_node, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    if str(trainer.get("devices")) == "auto":
+        trainer.devices = per_node
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    count = len(devices) if isinstance(devices, list) else int(devices) if str(devices).isdigit() else None
+    if count is not None and count * nodes != world:
+        raise ConfigError(
+            f"torchrun started {world} processes ({per_node} per node), but --trainer.devices {devices} and "
+            f"--trainer.num_nodes {nodes} make {count * nodes}: give --trainer.devices {per_node} (torchrun's "
+            "--nproc_per_node) and --trainer.num_nodes as torchrun's --nnodes, or leave devices auto."
+        )
 
 
 def _check_data_ranges(data: Any) -> None:

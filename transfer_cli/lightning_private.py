@@ -254,3 +254,39 @@ class LightningCLIBase(LightningCLI):
     @staticmethod
     def option_names(parser: ArgumentParser) -> list[str]:
         return option_names(parser)
+
+
+# DistributedDataParallel -------------------------------------------------------------------------
+
+
+def rewrap_ddp(strategy: Any) -> None:
+    """Wrap the strategy's LightningModule in a fresh DistributedDataParallel, exactly as it wrapped it
+    at setup, after releasing the DistributedDataParallel it replaces.
+
+    DDP registers its gradient all-reduce (the reducer's autograd hooks) for the parameters that
+    require grad when it wraps the model; parameters made trainable later would train apart on every
+    process (Lightning-AI/pytorch-lightning#20340). A new wrap registers them, and its constructor
+    broadcasts rank 0's parameters and buffers, so the replicas start from the same state.
+
+    Depends on: `DDPStrategy.configure_ddp()` wrapping `strategy.model` (which it requires to be the
+    LightningModule itself) through `_setup_model` (the strategy's device ids and DDP kwargs) and
+    `_register_ddp_hooks` (its communication hooks), and storing the result in `strategy.model`; and on
+    a DistributedDataParallel's reducer removing its autograd hooks when it is destroyed. The old wrap
+    must therefore be unreachable: if anything still holds it, its hooks would all-reduce every
+    gradient a second time, so that is an error here rather than a silent double reduction.
+    """
+    import gc
+    import weakref
+
+    if strategy.model is strategy.lightning_module:  # not wrapped (yet)
+        strategy.configure_ddp()
+        return
+    old = weakref.ref(strategy.model)
+    strategy.model = strategy.lightning_module
+    gc.collect()  # DDP objects hold reference cycles (its logger holds its reducer)
+    if old() is not None:
+        raise RuntimeError(
+            "transfer: the DistributedDataParallel being replaced is still referenced; its gradient hooks "
+            "would reduce every gradient twice."
+        )
+    strategy.configure_ddp()

@@ -64,6 +64,7 @@ class HuggingFaceBackbone(Backbone):
             self.model, self.tokenizer = _load(model, revision, trust_remote_code)
             self._offline_args = None
         self.num_features = _hidden_size(self.model.config, model)
+        _hold_unused_pooler(self.model)
         # from_pretrained hands models over in eval mode; a fresh backbone trains like any nn.Module.
         self.model.train()
 
@@ -131,6 +132,24 @@ def _from_pretrained(source: str, revision: str | None, trust_remote_code: bool,
         raise error(f"Cannot load {what}: {err}") from err
     # float32 whatever dtype the weights were saved in (exact); the trainer's precision decides the rest.
     return model.float(), tokenizer
+
+
+def _hold_unused_pooler(model: torch.nn.Module) -> None:
+    """Turn the weights of the model's pooler (BERT, RoBERTa, ALBERT, MPNet...) into buffers.
+
+    forward pools `last_hidden_state` itself, so the pooler never reaches the loss: as parameters its
+    weights would get no gradient, which stops DDP's full finetuning ("parameters that were not used in
+    producing loss") and gives the optimizer weights it can never move. As buffers they keep their
+    names, so state dicts (and checkpoints written before, in both directions) stay the same, and
+    nothing makes them trainable again (the finetuning policy unfreezes parameters only).
+    """
+    pooler = getattr(model, "pooler", None)
+    if not isinstance(pooler, torch.nn.Module):
+        return
+    for module in pooler.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            delattr(module, name)
+            module.register_buffer(name, param.detach())
 
 
 def _offline() -> bool:

@@ -6,10 +6,12 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.strategies import DDPStrategy
 
 from transfer_cli.data.base import TransferDataModule
 from transfer_cli.errors import ConfigError
 from transfer_cli.feature_cache import can_cache
+from transfer_cli.lightning_private import rewrap_ddp
 
 
 class FinetuningPolicy(BaseFinetuning):
@@ -41,6 +43,7 @@ class FinetuningPolicy(BaseFinetuning):
         self.cache_features = cache_features
         self._step_hooks: list[Any] = []
         self._scheduled: list[tuple[dict, float]] = []  # backbone rates during one scaled update
+        self._wrapped_trainable: frozenset[str] = frozenset()  # what the strategy's wrap synchronises
 
     def backbone_frozen(self, epoch: int) -> bool:
         return self.strategy == "frozen" or (self.strategy == "gradual" and epoch < self.unfreeze_at_epoch)
@@ -49,16 +52,20 @@ class FinetuningPolicy(BaseFinetuning):
         if self.strategy != "full":
             self._freeze(pl_module)
 
-    def check_devices(self, processes: int) -> None:
-        if self.strategy == "gradual" and processes > 1:
-            # DDP fixes the set of synchronised parameters when it wraps the model: a backbone unfrozen
-            # later would train apart on every process (Lightning-AI/pytorch-lightning#20340).
-            raise ConfigError(
-                "finetuning.strategy gradual cannot run on several devices: use full or frozen, or one device."
-            )
+    def check_devices(self, processes: int, strategy: Any = None) -> None:
+        """Refuse a gradual unfreezing the strategy cannot keep synchronised, before any process starts."""
+        if self.strategy != "gradual" or processes <= 1 or _rewraps(strategy):
+            return
+        name = type(strategy).__name__ if strategy is not None else "this strategy"
+        # Sharded and other wrappers fix what they synchronise or shard when they wrap the model, like
+        # DDP; only DDP is re-wrapped at the unfreeze epoch (see on_train_epoch_start).
+        raise ConfigError(
+            f"finetuning.strategy gradual on several devices runs with --trainer.strategy ddp (or ddp_spawn, "
+            f"ddp_fork), not with {name}: use ddp, or finetuning.strategy full or frozen with {name}, or one device."
+        )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.check_devices(trainer.world_size)  # launched by other means than `transfer fit`
+        self.check_devices(trainer.world_size, trainer.strategy)  # launched by other means than `transfer fit`
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or self.strategy != "frozen" or not self.cache_features:
             return
@@ -76,6 +83,21 @@ class FinetuningPolicy(BaseFinetuning):
         super().on_fit_start(trainer, pl_module)
         if self.strategy == "gradual":
             self._warm_up_backbone(trainer)
+        # The strategy has just wrapped the model (setup): what DDP synchronises from now on.
+        self._wrapped_trainable = _trainable(pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)  # finetune_function: the epoch's trainable set
+        if _rewraps(trainer.strategy) and _trainable(pl_module) != self._wrapped_trainable:
+            # Gradual unfreezing under DDP, synchronised by construction: DDP all-reduces the gradients
+            # only of the parameters that required grad when it wrapped the model. The backbone made
+            # trainable now (at the unfreeze epoch, or at the first epoch of a run resumed past it, which
+            # Lightning wrapped with the backbone frozen as setup leaves it) gets a fresh wrap by the
+            # strategy itself (same device ids, kwargs and communication hooks), which registers it and
+            # broadcasts rank 0's weights. The alternative, wrapping the backbone from the start and
+            # holding it still, would pay for its backward pass in every frozen epoch.
+            rewrap_ddp(trainer.strategy)
+            self._wrapped_trainable = _trainable(pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for hook in self._step_hooks:
@@ -147,6 +169,18 @@ class FinetuningPolicy(BaseFinetuning):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
+
+
+def _trainable(module: L.LightningModule) -> frozenset[str]:
+    return frozenset(name for name, p in module.named_parameters() if p.requires_grad)
+
+
+def _rewraps(strategy: Any) -> bool:
+    """Whether the strategy is plain DDP (ddp, ddp_spawn, ddp_fork, ...), which on_train_epoch_start re-wraps.
+
+    Its subclasses (DeepSpeed, XLA) and the sharded strategies (FSDP, ModelParallel) wrap otherwise.
+    """
+    return type(strategy) is DDPStrategy
 
 
 # Its name until it was renamed apart from Lightning's own BackboneFinetuning (a different callback):

@@ -1,0 +1,45 @@
+"""Callbacks for fits on several processes (add `--trainer.callbacks+=ddp_probes.NAME`, this folder on PYTHONPATH)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+
+def checksums(module: torch.nn.Module) -> dict[str, str]:
+    """A digest of the exact bytes of every parameter and buffer, by name."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return {name: _digest(t) for name, t in tensors.items()}
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class ReplicaChecksums(Callback):
+    """Writes replicas.json on rank 0: every rank's checksums of the whole model at the end of training
+    (all-gathered), and rank 0's backbone checksums at the start and after each training epoch."""
+
+    def __init__(self) -> None:
+        self.backbone: dict[str, dict[str, str]] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.backbone["start"] = checksums(pl_module.backbone)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.backbone[f"epoch{trainer.current_epoch}"] = checksums(pl_module.backbone)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        mine = {"rank": trainer.global_rank, "world_size": trainer.world_size, "model": checksums(pl_module)}
+        ranks = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(ranks, mine)
+        if trainer.is_global_zero:
+            parameters = [name for name, _ in pl_module.backbone.named_parameters()]
+            found = {"ranks": ranks, "backbone": self.backbone, "backbone_parameters": parameters}
+            Path("replicas.json").write_text(json.dumps(found))
