@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from transfer_cli.data.base import TransferDataModule
+from transfer_cli.data.base import TransferDataModule, predict_rank
 from transfer_cli.data.lines import read_line_batches
 from transfer_cli.data.text_batches import (
     LengthGroupedBatches,
@@ -214,6 +214,7 @@ class TextDataModule(TransferDataModule):
             raise ConfigError("Nothing to predict: give --input FILE (TSV, CSV, JSONL) or - for lines on stdin.")
         if self.tokenizer is None:
             raise ConfigError(f"{type(self).__name__}.connect(backbone) must be called before predicting.")
-        texts = PredictTexts(self.predict_rows, self.tokenizer, self.max_length, self._collate)
+        shard = predict_rank(self.trainer)
+        texts = PredictTexts(self.predict_rows, self.tokenizer, self.max_length, self._collate, shard)
         # One process reads the input in order; tokenizing a batch costs far less than the model's step.
         return DataLoader(texts, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())

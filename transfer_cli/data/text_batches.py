@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from transfer_cli.data.base import owns_batch
 from transfer_cli.data.text_records import Rows
 
 TOKENIZE_CHUNK = 2048
@@ -82,14 +83,27 @@ class PredictTexts(IterableDataset):
 
     `batches` gives lists of (id, texts, error): a row whose text could not be read keeps its place
     with an empty text and its error, and the writer decides between an error row and stopping.
+
+    Under several processes each reads the whole input (cheap) and tokenizes and yields only the
+    batches `shard` (rank, world size) owns (data.base.owns_batch).
     """
 
-    def __init__(self, batches: Callable[[], Iterator[list[PredictRow]]], tokenizer, max_length: int, collate):
+    def __init__(
+        self,
+        batches: Callable[[], Iterator[list[PredictRow]]],
+        tokenizer,
+        max_length: int,
+        collate,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.batches, self.tokenizer, self.max_length, self.collate = batches, tokenizer, max_length, collate
+        self.shard = shard
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         total = truncated = 0
-        for rows in self.batches():
+        for number, rows in enumerate(self.batches()):
+            if not owns_batch(number, *self.shard):
+                continue
             encoded, cut = encode(self.tokenizer, [texts for _, texts, _ in rows], self.max_length)
             total, truncated = total + len(rows), truncated + cut
             items = [
