@@ -112,7 +112,9 @@ class PredictTexts(IterableDataset):
                 for i, (id_, _, _) in enumerate(rows)
             ]
             yield {**self.collate(items), "errors": [error for _, _, error in rows]}
-        report_truncated("predict", total, truncated, self.max_length)
+        rank, world_size = self.shard
+        what = "predict" if world_size == 1 else f"predict (rank {rank}'s share)"
+        report_truncated(what, total, truncated, self.max_length)
 
 
 class PadCollate:
