@@ -321,7 +321,7 @@ def test_settings_lightning_rejects_are_config_errors(tmp_path, cifar_root, trai
     gpu = run_transfer(*_fit_args(cifar_root, "--trainer.accelerator=gpu"), cwd=tmp_path, env=env)
     _assert_clean_failure(gpu, 2, "--trainer")
     folder = imagefolder_root / "test"
-    for flag, fragment in (("--topk=0", "--topk 0"), ("--trainer.devices=2", "one device")):
+    for flag, fragment in (("--topk=0", "--topk 0"), ("--trainer.num_nodes=2", "one machine")):
         result = run_transfer("predict", "--ckpt", trained, "--input", folder, flag, cwd=tmp_path, env=env)
         _assert_clean_failure(result, 2, fragment)
 

@@ -234,11 +234,7 @@ class TransferCLI(LightningCLIBase):
             config.output = _expand_user(config.output)
             check_predict_output(config.input, config.output)
             config.data.init_args.predict_input = config.input
-            # Rows stream in input order from one process; several would each write their own share.
-            if str(config.trainer.devices) == "auto":
-                config.trainer.devices = 1
-            if str(config.trainer.devices) not in ("1", "[0]") or config.trainer.num_nodes != 1:
-                raise ConfigError("transfer predict runs on one device: drop --trainer.devices/--trainer.num_nodes.")
+            _check_predict_devices(config)
         if self.subcommand != "fit":
             # Only training makes a run directory; evaluating or predicting leaves no files behind.
             config.trainer.logger = False
@@ -524,6 +520,25 @@ def check_predict_output(input_spec: str, output: str | None) -> None:
         raise ConfigError(
             f"--output {output} is the --input file: predictions would replace your input. "
             "Choose another --output file name."
+        )
+
+
+def _check_predict_devices(config: Any) -> None:
+    """Several devices share a file or folder by whole batches and rank 0 writes the rows out at the
+    end (callbacks/prediction_shards.py). A stream's rows go out as its lines arrive, from one process."""
+    if str(config.trainer.devices) == "auto":
+        config.trainer.devices = 1
+    if config.trainer.num_nodes != 1:
+        raise ConfigError(
+            "transfer predict runs on one machine: drop --trainer.num_nodes (--trainer.devices N spreads the "
+            "input over that machine's devices)."
+        )
+    devices = config.trainer.devices
+    one = str(devices) == "1" or (isinstance(devices, list) and len(devices) == 1)
+    if config.input == "-" and not one:
+        raise ConfigError(
+            "transfer predict --input - (stdin) runs on one device: each row goes out as soon as its line is "
+            "read. Drop --trainer.devices, or give a file or folder to spread over several devices."
         )
 
 

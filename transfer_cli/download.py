@@ -1,17 +1,27 @@
 """Resumable, checked downloads into torch's cache, with progress on stderr."""
 
+import contextlib
 import hashlib
 import os
 import re
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from transfer_cli.errors import WeightsUnavailableError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one process per machine downloads there anyway in practice
+    fcntl = None
+
+T = TypeVar("T")
 TIMEOUT_S = 30
 CHUNK = 1 << 20
 # torch hub's convention: `name-<first hex digits of the file's sha256>.ext` (resnet18-f37072fd.pth).
@@ -76,3 +86,36 @@ def _check(part: Path, name: str, url: str) -> None:
             f"The file downloaded from {url} is corrupt: its sha256 does not start with {match.group(1)}, as its "
             "name says it must. The partial download was removed; run `transfer fetch` again."
         )
+
+
+def fetch_once(root: Path, find: Callable[[], T | None], fetch: Callable[[], None]) -> T | None:
+    """What `find` finds under `root`, after downloading it with `fetch` unless it is there.
+
+    Every process of a multi-device run prepares its data (torchrun and SLURM start them all at once,
+    each before any process group exists): the first to take this machine's lock for `root`
+    downloads and unpacks, the others wait for it and then find the files in place, never a half
+    unpacked archive. Lightning's own prepare_data (once per node, then a barrier) runs too late for
+    the CLI, which reads the data before training starts.
+    """
+    with _machine_lock(root):
+        found = find()
+        if found is None:
+            fetch()
+            found = find()
+    return found
+
+
+@contextlib.contextmanager
+def _machine_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock held by one process of this machine at a time, named after `root`'s real path
+    (in the temporary folder: `root` itself may not exist yet)."""
+    if fcntl is None:
+        yield
+        return
+    key = hashlib.sha1(os.fsencode(root.expanduser().resolve())).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"transfer-download-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -2,6 +2,9 @@
 
 A file is written under a temporary name beside its final name and renamed only when prediction
 finishes, so a killed or failed run never leaves a partial file under the final name.
+
+On several processes each rank keeps its batches in a file of its own (prediction_shards.py) and
+rank 0 writes them out, in input order, once all are done: the same bytes as one process writes.
 """
 
 import csv
@@ -16,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from transfer_cli.callbacks.prediction_shards import PredictionShards
 from transfer_cli.errors import EXIT_TERMINATED, ConfigError, DataError, Interrupted, ResourceError
 
 
@@ -34,8 +38,19 @@ class PredictionWriter(BasePredictionWriter):
         self._csv: csv.writer | None = None
         self._columns: list[str] | None = None  # fixed by the first batch, so error rows fit the CSV header
         self._header_written = False
+        self._shards: PredictionShards | None = None  # several processes: this rank's batches until the end
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # setup and teardown run on every rank, also on one whose share of the input is empty (Lightning
+        # then skips its predict loop and the on_predict_* hooks).
+        if stage == "predict" and trainer.world_size > 1:
+            self._shards = PredictionShards.open(trainer, self.output)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._shards is None:
+            self._open()
+
+    def _open(self) -> None:
         if self.output is None:
             self._stream = sys.stdout
         else:
@@ -54,6 +69,13 @@ class PredictionWriter(BasePredictionWriter):
             raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
         rows = self._rows(batch["ids"], prediction, pl_module)
         errors = batch.get("errors") or [None] * len(rows)
+        if self._shards is not None:
+            self._shards.add(rows, errors)  # rank 0 decides about errors when it writes them out, in order
+        else:
+            self._emit(rows, errors)
+
+    def _emit(self, rows: list[dict[str, Any]], errors: list[str | None]) -> None:
+        """Write a batch's rows; at an unreadable input, the rows before it, then stop (or an error row)."""
         if self._columns is None:
             self._columns = [*rows[0], *(["error"] if self.skip_bad_inputs else [])]
         written = []
@@ -98,6 +120,29 @@ class PredictionWriter(BasePredictionWriter):
             raise ResourceError(f"Cannot write predictions to {self.output}: {err.strerror}.") from err
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._shards is None:
+            self._close()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "predict" or self._shards is None:
+            return
+        stopped = lambda: trainer.received_sigterm  # noqa: E731
+        self._shards.finish()
+        if trainer.global_rank != 0:
+            self._shards.wait_for_merge(stopped)
+            self._shards = None
+            return
+        self._shards.wait_for_ranks(stopped)
+        self._open()
+        for rows, errors in self._shards.batches():
+            if stopped():
+                raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
+            self._emit(rows, errors)
+        self._close()
+        self._shards.remove()
+        self._shards = None
+
+    def _close(self) -> None:
         if self.skip_bad_inputs:
             print(
                 f"transfer: predict: {self.skipped} unreadable input(s) skipped (rows with an error)", file=sys.stderr
@@ -116,6 +161,9 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._discard()
+        if self._shards is not None:
+            self._shards.remove()
+            self._shards = None
 
     def _discard(self) -> None:
         if self._tmp is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from transfer_cli.feature_cache import CachedFeatures, cache_features, whole
 
@@ -27,6 +27,50 @@ def seeded_split(count: int, val_fraction: float, seed: int) -> tuple[list[int],
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(val_fraction * count))
     return order[:n_val], order[n_val:]
+
+
+def owns_batch(batch: int, rank: int, world_size: int) -> bool:
+    """Whether predict batch number `batch` (counted over the whole input) is this process's to predict.
+
+    Several processes share the input by whole batches, batch b to rank b % world_size: each batch then
+    holds the very inputs it holds on one process (same rows, same padding), so its rows come out bit
+    for bit the same, and the writer (callbacks/prediction_writer.py) restores input order by taking
+    the ranks' batches in turn.
+    """
+    return batch % world_size == rank
+
+
+class PredictShard(DistributedSampler):
+    """The indices of a map-style predict input that this process predicts (see `owns_batch`), in order.
+
+    A DistributedSampler, so Lightning keeps it instead of injecting its own, which spreads single
+    inputs over the ranks (changing every batch) and asserts that each rank gets at least one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.count, self.batch_size = len(dataset), batch_size
+
+    def _owned(self) -> range:
+        return range(self.rank, -(-self.count // self.batch_size), self.num_replicas)
+
+    def __iter__(self):
+        for batch in self._owned():
+            yield from range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.count))
+
+    def __len__(self) -> int:
+        if -(-self.count // self.batch_size) < self.num_replicas:
+            # Some rank has no batch at all, which Lightning refuses of a sized loader ("within local rank
+            # has zero length"); without a length (TypeError, as len() of any unsized object) every rank
+            # runs its share as a stream, an empty one included. Decided alike on every rank: Lightning
+            # sums the lengths of sized loaders across ranks, a collective all must join.
+            raise TypeError("a predict shard has no length when some rank gets no batch")
+        return sum(min(self.batch_size, self.count - b * self.batch_size) for b in self._owned())
+
+
+def predict_rank(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, world size) of this predict process; (0, 1) outside a trainer."""
+    return (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
 
 
 class TransferDataModule(L.LightningDataModule, ABC):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.data.base import seeded_split
 from transfer_cli.data.images import ImageDataModule
+from transfer_cli.download import fetch_once
 from transfer_cli.errors import DataError
 
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -165,9 +166,9 @@ class CIFAR10DataModule(ImageDataModule):
     def _batches_dir(self, download: bool = False) -> Path:
         if self.root is None:
             raise DataError("data.root is required to train, validate or test on CIFAR-10.")
-        found = find_batches_dir(self.root)
-        if found is None and download:
-            fetch(self.root)
+        if download:
+            found = fetch_once(self.root, lambda: find_batches_dir(self.root), lambda: fetch(self.root))
+        else:
             found = find_batches_dir(self.root)
         if found is None:
             raise DataError(

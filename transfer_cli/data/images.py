@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from transfer_cli.backbones.base import ImagePreprocessing
-from transfer_cli.data.base import TransferDataModule, default_workers
+from transfer_cli.data.base import PredictShard, TransferDataModule, default_workers, predict_rank
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, BatchImageTransform, find_images, read_image, resize_center_crop
 from transfer_cli.data.lines import read_line_batches
 from transfer_cli.errors import ConfigError, DataError
@@ -143,13 +143,14 @@ class ImageDataModule(TransferDataModule):
     def split_loader(self, split: str) -> DataLoader:
         return self._loader(self._splits[split], shuffle=split == "train")
 
-    def _loader(self, dataset: Dataset, shuffle: bool, collate_fn: Any = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, collate_fn: Any = None, sampler: Any = None) -> DataLoader:
         # No more workers than batches: starting processes costs more than a batch or two of images.
         workers = max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -164,7 +165,9 @@ class ImageDataModule(TransferDataModule):
             stream = StdinImages(self.preprocessing, self.batch_size, self.num_workers, self._sigterm_received)
             return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
         files = ImageFiles(list_image_inputs(self.predict_input), self.preprocessing)
-        return self._loader(files, shuffle=False, collate_fn=collate_predict)
+        rank, world_size = predict_rank(self.trainer)
+        shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
+        return self._loader(files, shuffle=False, collate_fn=collate_predict, sampler=shard)
 
     def _sigterm_received(self) -> bool:
         return self.trainer is not None and self.trainer.received_sigterm

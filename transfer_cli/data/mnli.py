@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transfer_cli.data.text import TextDataModule
 from transfer_cli.data.text_records import Rows
+from transfer_cli.download import fetch_once
 from transfer_cli.errors import DataError
 
 ARCHIVE_URL = "https://dl.fbaipublicfiles.com/glue/data/MNLI.zip"
@@ -106,9 +107,9 @@ class MNLIDataModule(TextDataModule):
     def _data_dir(self, download: bool = False) -> Path:
         if self.root is None:
             raise DataError("data.root is required to train, validate or test on MNLI: the GLUE MNLI directory.")
-        found = find_mnli_dir(self.root)
-        if found is None and download:
-            fetch(self.root)
+        if download:
+            found = fetch_once(self.root, lambda: find_mnli_dir(self.root), lambda: fetch(self.root))
+        else:
             found = find_mnli_dir(self.root)
         if found is None:
             raise DataError(

@@ -5,6 +5,7 @@ read by column name, tokenized once when a split is set up (not every epoch), st
 arrays, and padded only to the longest sequence of each batch.
 """
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -16,9 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from transfer_cli.data.base import TransferDataModule
+from transfer_cli.data.base import TransferDataModule, predict_rank
 from transfer_cli.data.lines import read_line_batches
 from transfer_cli.data.text_batches import (
+    BatchedItems,
+    DistributedLengthGroupedBatches,
     LengthGroupedBatches,
     PadCollate,
     PredictRow,
@@ -204,9 +207,18 @@ class TextDataModule(TransferDataModule):
         dataset = self._splits[split]
         if split != "train" or not self.group_by_length:
             return self._loader(dataset, shuffle=split == "train")
+        lengths = np.diff(dataset.offsets)
         if self.trainer is not None and self.trainer.world_size > 1:
-            raise ConfigError("data.group_by_length works on one device; turn it off for multi-device runs.")
-        batches = LengthGroupedBatches(np.diff(dataset.offsets), self.batch_size)
+            # Lightning's seed, as its own DistributedSampler uses: the same batches on every rank.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            shard = DistributedLengthGroupedBatches(
+                lengths, self.batch_size, self.trainer.global_rank, self.trainer.world_size, seed
+            )
+            return DataLoader(
+                BatchedItems(dataset), sampler=shard, batch_size=None, num_workers=self.num_workers,
+                collate_fn=self._collate,
+            )  # fmt: skip
+        batches = LengthGroupedBatches(lengths, self.batch_size)
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._collate)
 
     def predict_dataloader(self) -> DataLoader:
@@ -214,6 +226,7 @@ class TextDataModule(TransferDataModule):
             raise ConfigError("Nothing to predict: give --input FILE (TSV, CSV, JSONL) or - for lines on stdin.")
         if self.tokenizer is None:
             raise ConfigError(f"{type(self).__name__}.connect(backbone) must be called before predicting.")
-        texts = PredictTexts(self.predict_rows, self.tokenizer, self.max_length, self._collate)
+        shard = predict_rank(self.trainer)
+        texts = PredictTexts(self.predict_rows, self.tokenizer, self.max_length, self._collate, shard)
         # One process reads the input in order; tokenizing a batch costs far less than the model's step.
         return DataLoader(texts, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())

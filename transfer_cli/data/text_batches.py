@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from transfer_cli.data.base import owns_batch
 from transfer_cli.data.text_records import Rows
+from transfer_cli.errors import DataError
 
 TOKENIZE_CHUNK = 2048
 
@@ -82,14 +84,27 @@ class PredictTexts(IterableDataset):
 
     `batches` gives lists of (id, texts, error): a row whose text could not be read keeps its place
     with an empty text and its error, and the writer decides between an error row and stopping.
+
+    Under several processes each reads the whole input (cheap) and tokenizes and yields only the
+    batches `shard` (rank, world size) owns (data.base.owns_batch).
     """
 
-    def __init__(self, batches: Callable[[], Iterator[list[PredictRow]]], tokenizer, max_length: int, collate):
+    def __init__(
+        self,
+        batches: Callable[[], Iterator[list[PredictRow]]],
+        tokenizer,
+        max_length: int,
+        collate,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self.batches, self.tokenizer, self.max_length, self.collate = batches, tokenizer, max_length, collate
+        self.shard = shard
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         total = truncated = 0
-        for rows in self.batches():
+        for number, rows in enumerate(self.batches()):
+            if not owns_batch(number, *self.shard):
+                continue
             encoded, cut = encode(self.tokenizer, [texts for _, texts, _ in rows], self.max_length)
             total, truncated = total + len(rows), truncated + cut
             items = [
@@ -97,7 +112,9 @@ class PredictTexts(IterableDataset):
                 for i, (id_, _, _) in enumerate(rows)
             ]
             yield {**self.collate(items), "errors": [error for _, _, error in rows]}
-        report_truncated("predict", total, truncated, self.max_length)
+        rank, world_size = self.shard
+        what = "predict" if world_size == 1 else f"predict (rank {rank}'s share)"
+        report_truncated(what, total, truncated, self.max_length)
 
 
 class PadCollate:
@@ -144,11 +161,60 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.lengths))
+        yield from self.batches()
+
+    def batches(self, generator: torch.Generator | None = None) -> list[list[int]]:
+        """One epoch's batches, drawn from `generator` (None: torch's global generator)."""
+        order = torch.randperm(len(self.lengths), generator=generator)
         size = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
             chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
             batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        yield from (batches[i] for i in torch.randperm(len(batches)).tolist())
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class DistributedLengthGroupedBatches(DistributedSampler):
+    """LengthGroupedBatches on several processes: each rank a disjoint share, every example once per epoch.
+
+    Every rank draws the same epoch's batches (a generator seeded with seed + epoch, which Lightning
+    advances through `set_epoch`) and rank r takes batches r, r + W, r + 2W, ... DDP needs every rank
+    to take as many steps (one short would leave the others waiting in an all-reduce), so the biggest
+    batches are split in two until the count divides by W, where DistributedSampler would repeat
+    examples instead. A DistributedSampler yielding whole batches (the loader runs with
+    batch_size=None over `BatchedItems`), so Lightning keeps it instead of injecting its own.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, rank: int, world_size: int, seed: int, window: int = 50):
+        super().__init__(range(len(lengths)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.grouped = LengthGroupedBatches(lengths, batch_size, window)
+        if len(self) * world_size > len(lengths):  # not enough examples to split batches into
+            raise DataError(
+                f"{len(lengths)} training examples in batches of {batch_size} cannot give each of the "
+                f"{world_size} processes as many batches; use fewer devices or turn data.group_by_length off."
+            )
+
+    def __len__(self) -> int:
+        return -(-len(self.grouped) // self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.grouped.batches(torch.Generator().manual_seed(self.seed + self.epoch))
+        while len(batches) % self.num_replicas:
+            biggest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            batch = batches[biggest]
+            batches[biggest : biggest + 1] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+        return iter(batches[self.rank :: self.num_replicas])
+
+
+class BatchedItems(Dataset):
+    """A dataset indexed by a whole batch of indices (for a loader with batch_size=None over a batch sampler)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> list[Any]:
+        return [self.dataset[i] for i in indices]

@@ -1,0 +1,123 @@
+"""Predictions from several processes, put back into the one-process output.
+
+Rank r predicts the batches r, r + W, r + 2W, ... of the input (data.base.owns_batch) and appends
+them, one JSON line per batch, to its own file in a parts directory that rank 0 made (beside
+--output, or in the temporary folder for stdout). Rank 0 waits until every rank has finished its
+file, then reads the ranks' batches in turn, which is input order, one batch per rank in memory.
+
+Processes meet through files, not collectives: rank 0 must stay able to answer a SIGTERM (or notice
+Ctrl-C) while it waits, and Lightning's SIGTERM handler broadcasts to every rank, so the other ranks
+stay alive, waiting for rank 0 to remove the parts directory, until the output is complete.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning as L
+
+from transfer_cli.errors import EXIT_TERMINATED, Interrupted, ResourceError
+
+POLL_S = 0.05
+
+
+class PredictionShards:
+    def __init__(self, directory: Path, rank: int, world_size: int):
+        self.directory, self.rank, self.world_size = directory, rank, world_size
+        self._parent = os.getppid()  # a rank whose launcher died must not wait forever
+        try:
+            self._file: TextIO | None = open(self._part(rank), "w", encoding="ascii")  # noqa: SIM115 (closed in finish)
+        except OSError as err:
+            raise ResourceError(f"Cannot write predictions to {directory}: {err.strerror}.") from err
+
+    @classmethod
+    def open(cls, trainer: L.Trainer, output: Path | None) -> "PredictionShards":
+        """Every rank calls this at once (it broadcasts the directory rank 0 made)."""
+        directory = None
+        if trainer.global_rank == 0:
+            try:
+                if output is None:
+                    directory = tempfile.mkdtemp(prefix="transfer-predict-", suffix=".parts")
+                else:
+                    output.parent.mkdir(parents=True, exist_ok=True)
+                    directory = tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".parts", dir=output.parent)
+            except OSError as err:
+                raise ResourceError(f"Cannot write predictions beside {output or 'stdout'}: {err.strerror}.") from err
+        directory = trainer.strategy.broadcast(directory, src=0)
+        return cls(Path(directory), trainer.global_rank, trainer.world_size)
+
+    def _part(self, rank: int) -> Path:
+        return self.directory / f"rank{rank}.jsonl.part"
+
+    def _done(self, rank: int) -> Path:
+        return self.directory / f"rank{rank}.jsonl"
+
+    def add(self, rows: list[dict[str, Any]], errors: list[str | None]) -> None:
+        # ASCII: a file name that is not valid UTF-8 (surrogate escapes) survives the round trip.
+        try:
+            self._file.write(json.dumps([rows, errors], ensure_ascii=True) + "\n")
+        except OSError as err:
+            raise ResourceError(f"Cannot write predictions to {self.directory}: {err.strerror}.") from err
+
+    def finish(self) -> None:
+        """This rank has predicted all its batches: its file takes its final name, which rank 0 waits for."""
+        try:
+            self._file.close()
+            self._part(self.rank).rename(self._done(self.rank))
+        except FileNotFoundError:
+            pass  # rank 0 gave up and removed the directory; it reports why
+        except OSError as err:
+            raise ResourceError(f"Cannot write predictions to {self.directory}: {err.strerror}.") from err
+
+    def wait_for_ranks(self, stopped: Callable[[], bool]) -> None:
+        """Rank 0: until every rank's file is complete."""
+        self._wait(lambda: all(self._done(r).is_file() for r in range(self.world_size)), stopped)
+
+    def wait_for_merge(self, stopped: Callable[[], bool]) -> None:
+        """Other ranks: until rank 0 has written the output (or given up) and removed the directory."""
+        self._wait(lambda: not self.directory.exists(), stopped)
+
+    def _wait(self, ready: Callable[[], bool], stopped: Callable[[], bool]) -> None:
+        while not ready():
+            if stopped():
+                raise Interrupted("terminated (SIGTERM)", EXIT_TERMINATED)
+            if os.getppid() != self._parent:
+                raise ResourceError("The process that started this prediction is gone; nothing was written.")
+            time.sleep(POLL_S)
+
+    def batches(self) -> Iterator[tuple[list[dict[str, Any]], list[str | None]]]:
+        """Rank 0: (rows, errors) of every batch, in input order: batch b is rank b % W's (b // W)-th."""
+        files = [open(self._done(r), encoding="ascii") for r in range(self.world_size)]  # noqa: SIM115
+        try:
+            for batch in _round_robin(files):
+                yield tuple(json.loads(batch))
+        finally:
+            for f in files:
+                f.close()
+
+    def remove(self) -> None:
+        """Rank 0: the whole directory (also the other ranks' files); others: their own file."""
+        if self._file is not None and not self._file.closed:
+            with contextlib.suppress(OSError):  # a full disk fails the flush again; the file goes anyway
+                self._file.close()
+        if self.rank == 0:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            self._part(self.rank).unlink(missing_ok=True)
+
+
+def _round_robin(files: list[TextIO]) -> Iterator[str]:
+    """Lines taken from each file in turn, until one runs out. Batches are numbered without gaps, so
+    once rank b % W has no batch b, no rank has a later one."""
+    while True:
+        for f in files:
+            line = f.readline()
+            if not line:
+                return
+            yield line
