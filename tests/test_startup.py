@@ -24,6 +24,12 @@ print(json.dumps({
     # held back while torchmetrics imports, only: a metric built afterwards sees what is installed
     "transformers_available": bool(imports._TRANSFORMERS_AVAILABLE),
     "torchvision_available": bool(imports._TORCHVISION_AVAILABLE),
+    # every class defined (a short name such as `--data MNLIDataModule` resolves only to a defined
+    # subclass), though their heavy packages were not imported
+    "classes_defined": all(name in sys.modules for name in (
+        "transfer_cli.data.mnli", "transfer_cli.data.text_files", "transfer_cli.backbones.huggingface",
+        "transfer_cli.backbones.timm",
+    )),
 }), file=sys.stderr)
 """
 
@@ -49,7 +55,12 @@ def test_an_image_predict_imports_no_text_plot_or_signal_package_and_predicts_as
     assert {"torch", "lightning"} <= imported, done.stderr[-2000:]
     assert not imported & NOT_NEEDED_FOR_IMAGES, sorted(imported & NOT_NEEDED_FOR_IMAGES)
     report = json.loads(next(line for line in done.stderr.splitlines() if line.startswith('{"code"')))
-    assert report == {"code": 0, "transformers_available": True, "torchvision_available": True}
+    assert report == {
+        "code": 0,
+        "transformers_available": True,
+        "torchvision_available": True,
+        "classes_defined": True,
+    }
     assert done.stdout == (FIXTURES / "image-v1.predict.jsonl").read_text()
 
 

@@ -13,11 +13,15 @@ import os
 import socket
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+# transformers is imported where a model or tokenizer is made: importing this module (done whenever
+# transfer_cli.backbones is) must not cost an image model the second transformers takes to import.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.checkpoint import CODE_KEYS, TOKENIZER_FILE_NAMES, decode_stored_file, is_tokenizer_file_name
@@ -79,7 +83,7 @@ class HuggingFaceBackbone(Backbone):
         first = mask.int().argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
 
-    def preprocessing(self) -> PreTrainedTokenizerBase:
+    def preprocessing(self) -> "PreTrainedTokenizerBase":
         return self.tokenizer
 
     def offline_init_args(self) -> dict[str, Any]:
@@ -90,7 +94,9 @@ class HuggingFaceBackbone(Backbone):
         return self._offline_args
 
 
-def _load(name: str, revision: str | None, trust_remote_code: bool) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def _load(
+    name: str, revision: str | None, trust_remote_code: bool
+) -> tuple[torch.nn.Module, "PreTrainedTokenizerBase"]:
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_pretrained(str(path), None, trust_remote_code, local_only=True, what=f"local directory {path}")
@@ -121,6 +127,8 @@ def _load(name: str, revision: str | None, trust_remote_code: bool) -> tuple[tor
 def _from_pretrained(source: str, revision: str | None, trust_remote_code: bool, local_only: bool, what: str):
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
     try:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
         config = AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModel.from_pretrained(source, config=config, **kwargs)
@@ -175,7 +183,7 @@ def _hub_reachable() -> bool:
     return True
 
 
-def _hidden_size(config: PretrainedConfig, name: str) -> int:
+def _hidden_size(config: "PretrainedConfig", name: str) -> int:
     size = getattr(config, "hidden_size", None)
     if not isinstance(size, int):
         raise ConfigError(
@@ -185,7 +193,7 @@ def _hidden_size(config: PretrainedConfig, name: str) -> int:
     return size
 
 
-def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+def _tokenizer_files(tokenizer: "PreTrainedTokenizerBase") -> dict[str, str]:
     """The files `save_pretrained` writes, each as base64 of its xz-compressed bytes.
 
     Compressed because the config travels through YAML several times per run and a vocabulary is
@@ -205,6 +213,8 @@ def _rebuild(config: dict[str, Any], tokenizer_files: dict[str, str]):
     """The architecture from a stored config and the tokenizer from stored files, with no code run:
     keys that name code are dropped, only the files a tokenizer writes are accepted, and remote code
     stays off whatever the flag says (a checkpoint's contents are not the user's to vouch for)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
     settings = _without_code_keys(config)
     model_type = settings.pop("model_type", None)
     if not model_type:

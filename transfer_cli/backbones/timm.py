@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import timm
 import torch
-from timm.data import resolve_model_data_config
 
 from transfer_cli.backbones.base import ImageModelBackbone, ImagePreprocessing, check_image_size
 from transfer_cli.backbones.huggingface import _hub_reachable, _offline
@@ -75,6 +73,8 @@ class TimmBackbone(ImageModelBackbone):
 
 def _pretrained_config(name: str):
     """timm's description of the name's weights (the default tag's without a tag), or a config error."""
+    import timm  # here, not at the top: importing timm costs every start-up a few tenths
+
     architecture = name.split(".", 1)[0]
     if timm.is_model(architecture):
         try:
@@ -104,6 +104,8 @@ def _classifier_names(config) -> tuple[str, ...]:
 
 
 def _read_state_file(path: Path, name: str) -> dict[str, torch.Tensor]:
+    import timm  # here, not at the top: importing timm costs every start-up a few tenths
+
     if not path.is_file():
         raise ConfigError(f"Backbone weights file not found: {path} (model.backbone.weights).")
     try:
@@ -118,6 +120,8 @@ def _read_state_file(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def _create(name: str, config, state: dict[str, torch.Tensor] | None, image_size: int | None) -> torch.nn.Module:
+    import timm  # here, not at the top: importing timm costs every start-up a few tenths
+
     kwargs: dict[str, Any] = {"num_classes": 0}
     if image_size is not None and config.fixed_input_size:
         # Transformers build their position embeddings for one size; timm resamples pretrained ones.
@@ -234,6 +238,8 @@ def _url_weights_file(name: str, url: str) -> Path:
 
 def _preprocessing(model: torch.nn.Module, name: str, image_size: int | None) -> ImagePreprocessing:
     """timm's eval transform for the weights: resize to size / crop_pct, centre crop, normalise."""
+    from timm.data import resolve_model_data_config  # not at the top: see _create
+
     config = resolve_model_data_config(model)
     _, height, width = config["input_size"]
     if image_size is None and height != width:

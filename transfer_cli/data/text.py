@@ -10,12 +10,14 @@ import sys
 from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported by the backbone that makes the tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 from transfer_cli.data.base import TransferDataModule, predict_rank
 from transfer_cli.data.lines import read_line_batches
@@ -64,6 +66,8 @@ class TextDataModule(TransferDataModule):
 
     def connect(self, backbone: Any) -> None:
         """Take the backbone's tokenizer: the text must be cut into the pieces its weights know."""
+        from transformers import PreTrainedTokenizerBase
+
         tokenizer = backbone.preprocessing()
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise ConfigError(

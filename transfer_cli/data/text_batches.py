@@ -3,12 +3,14 @@
 import sys
 from collections.abc import Callable, Iterator
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, Sampler
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported by the backbone that makes the tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 from transfer_cli.data.base import owns_batch
 from transfer_cli.data.text_records import Rows
@@ -40,7 +42,7 @@ class TokenizedTexts(Dataset):
         return item
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, rows: Rows, max_length: int, what: str) -> TokenizedTexts:
+def tokenize(tokenizer: "PreTrainedTokenizerBase", rows: Rows, max_length: int, what: str) -> TokenizedTexts:
     """Tokenize every example once, truncating at max_length, and report how many were truncated."""
     chunks: dict[str, list[np.ndarray]] = {}
     lengths, truncated = [], 0
@@ -59,7 +61,7 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, rows: Rows, max_length: int, wh
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, texts: list[tuple[str, ...]], max_length: int
+    tokenizer: "PreTrainedTokenizerBase", texts: list[tuple[str, ...]], max_length: int
 ) -> tuple[dict[str, list[list[int]]], int]:
     """Token ids of a chunk of examples, and how many of them were truncated at max_length."""
     columns = [list(c) for c in zip(*texts)]
