@@ -70,8 +70,8 @@ class DecodedBudget:
 
     def wrap(self, split: str, files: ImageFiles, shared: bool) -> ImageFiles:
         """`files` with as many images cached as the budget and the machine's free memory allow."""
-        if self.limit_gb == 0 or len(files) == 0:
-            return files
+        if self.limit_gb == 0 or len(files) == 0 or files.preprocessing is None:
+            return files  # off, nothing to keep, or no input size known yet
         per_image = 3 * files.preprocessing.crop_size**2
         room = min(self.left, free_memory(shared))
         capacity = min(len(files), room // per_image)

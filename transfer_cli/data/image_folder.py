@@ -3,6 +3,7 @@
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
@@ -198,6 +199,14 @@ class ImageFolderDataModule(ImageDataModule):
                 self._budget = DecodedBudget(self.decoded_cache_gb)
             self._decoded[split] = self._budget.wrap(split, self._splits[split], shared=self.num_workers > 0)
         return self._decoded[split]
+
+    def use_cached_features(self, trainer: Any, backbone: Any) -> None:
+        # The frozen backbone's features are computed in one pass over the images: none to keep.
+        budget, self._budget = self._budget, DecodedBudget(0)
+        try:
+            super().use_cached_features(trainer, backbone)
+        finally:
+            self._budget = budget
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)
