@@ -11,6 +11,7 @@ forward pass ("data"), which is what decoding once changes. Both sides use the s
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -154,6 +155,7 @@ def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cp
     device = torch.device(device)
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"no JPEG folder at {root}/train (benchmarks/bench_decode.py --root DIR)")
+    load_before = os.getloadavg()[0]  # two shared cores: others' load moves every figure
     with tempfile.TemporaryDirectory(prefix="transfer-bench-decode-") as tmp:
         tree = _all_training(root, Path(tmp))
         transfer = tool_side(tree, spec, device)
@@ -165,6 +167,7 @@ def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cp
         "unit": "s/epoch",
         "spec": spec,
         "sides": {"transfer": transfer, "plain": plain},
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "epoch1_over_epoch2": transfer["epoch_s"][0] / transfer["epoch_s"][1],
         "plain_over_epoch2": plain_epoch / later,
         "data_epoch1_over_epoch2": transfer["data_s"][0] / transfer["data_s"][1],
@@ -183,7 +186,8 @@ def summary(result: dict[str, Any]) -> str:
         f"(data only: {', '.join(f'{s:.2f}' for s in p['data_s'])} s)\n"
         f"epoch 1 / epoch 2: {result['epoch1_over_epoch2']:.2f}x (data only {result['data_epoch1_over_epoch2']:.2f}x); "
         f"plain epoch / transfer epoch 2+: {result['plain_over_epoch2']:.2f}x "
-        f"(data only {result['data_plain_over_epoch2']:.2f}x)"
+        f"(data only {result['data_plain_over_epoch2']:.2f}x); load average "
+        f"{result['load_average']['before']:.1f} -> {result['load_average']['after']:.1f}"
     )
 
 

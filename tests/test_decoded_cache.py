@@ -1,6 +1,8 @@
 """Image folders decoded once per fit (data.decoded_cache_gb): the same pixels as decoding every epoch,
 no decoding after the first epoch (loader workers too), and a notice when the limit is too small."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -108,3 +110,14 @@ def test_fit_over_the_limit_trains_and_says_so_on_stderr(tmp_path, imagefolder_r
     assert "transfer: the train images decoded at the input size need" in result.stderr
     assert "holds 50 of 270, the other 220 are decoded again every epoch" in result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_a_frozen_feature_pass_keeps_no_decoded_images(imagefolder_root, monkeypatch):
+    import transfer_cli.data.base as base
+
+    seen = {}
+    monkeypatch.setattr(base, "cache_features", lambda trainer, backbone, loaders: seen.update(loaders) or {})
+    data = _folder(imagefolder_root, cache_gb=1.0)
+    data.use_cached_features(SimpleNamespace(limit_val_batches=1.0), backbone=None)
+    assert set(seen) == {"train", "val"}  # features are computed in one pass: nothing to decode again
+    assert all(type(loader.dataset) is images.ImageFiles for loader in seen.values())
