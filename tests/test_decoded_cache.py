@@ -10,6 +10,7 @@ import transfer_cli.data.decoded_cache as decoded_cache
 import transfer_cli.data.images as images
 from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.data import ImageFolderDataModule
+from transfer_cli.data.image_ops import random_crop_flip
 from transfer_cli.errors import ConfigError
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer
@@ -121,3 +122,12 @@ def test_a_frozen_feature_pass_keeps_no_decoded_images(imagefolder_root, monkeyp
     data.use_cached_features(SimpleNamespace(limit_val_batches=1.0), backbone=None)
     assert set(seen) == {"train", "val"}  # features are computed in one pass: nothing to decode again
     assert all(type(loader.dataset) is images.ImageFiles for loader in seen.values())
+
+
+def test_augmenting_uint8_pixels_moves_them_as_augmenting_floats_does():
+    pixels = torch.randint(0, 256, (16, 3, 24, 24), dtype=torch.uint8)
+    torch.manual_seed(3)
+    moved = random_crop_flip(pixels, padding=3)
+    torch.manual_seed(3)
+    as_floats = random_crop_flip(pixels.float(), padding=3)
+    assert moved.dtype == torch.uint8 and torch.equal(moved, as_floats.to(torch.uint8))
