@@ -3,10 +3,12 @@
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.data.base import seeded_split
+from transfer_cli.data.decoded_cache import DecodedBudget, check_limit
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
 from transfer_cli.data.images import ImageDataModule, ImageFiles
 from transfer_cli.errors import ConfigError, DataError
@@ -71,6 +73,7 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: int | None = None,
         augment: bool = True,
         skip_bad_images: bool = False,
+        decoded_cache_gb: float = 4.0,
         predict_input: str | None = None,
     ):
         """Images in class folders (JPEG, PNG, WebP, ...); class names are the folder names.
@@ -88,6 +91,11 @@ class ImageFolderDataModule(ImageDataModule):
             num_workers: Loader worker processes decoding images; null picks min(8, CPU count).
             augment: Random crop and horizontal flip of training images.
             skip_bad_images: Leave out unreadable images (counted on stderr) instead of failing.
+            decoded_cache_gb: Most host memory (GiB) that `fit` may keep its training and validation
+                images in, decoded and resized to the input size (uint8), so that only the first
+                epoch decodes them; augmentation still differs every epoch. Images past the limit
+                (or past half the free memory) are decoded every epoch, as a one-line notice says.
+                0 turns the cache off.
             predict_input: Images to predict on (set by `transfer predict --input`).
         """
         super().__init__(batch_size, num_workers, augment, predict_input)
@@ -95,6 +103,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.skip_bad_images = skip_bad_images
         self.val_fraction = val_fraction
         self.seed = seed
+        self.decoded_cache_gb = check_limit(decoded_cache_gb)
+        self._decoded: dict[str, Dataset] = {}
+        self._budget: DecodedBudget | None = None
         self._found: dict[str, dict[str, list[Path]]] = {}
         self._held_out: dict[str, tuple[list[Path], list[int]]] | None = None
         if class_names is None:
@@ -174,3 +185,30 @@ class ImageFolderDataModule(ImageDataModule):
     def load_split(self, split: str) -> Dataset:
         paths, labels = self._files(split)
         return ImageFiles(paths, self.preprocessing, labels)
+
+    def split_loader(self, split: str) -> DataLoader:
+        return self._loader(self._decoded_once(split), shuffle=split == "train")
+
+    def _decoded_once(self, split: str) -> Dataset:
+        """A fit reads its training and validation images every epoch: those are decoded once (see
+        decoded_cache). Made when the loader is, in this process, so that every loader worker shares it."""
+        if "train" not in self._splits or split not in ("train", "val"):
+            return self._splits[split]  # read once (validate, test): nothing to keep
+        if split not in self._decoded:
+            if self._budget is None:
+                self._budget = DecodedBudget(self.decoded_cache_gb)
+            self._decoded[split] = self._budget.wrap(split, self._splits[split], shared=self.num_workers > 0)
+        return self._decoded[split]
+
+    def use_cached_features(self, trainer: Any, backbone: Any) -> None:
+        # The frozen backbone's features are computed in one pass over the images: none to keep.
+        budget, self._budget = self._budget, DecodedBudget(0)
+        try:
+            super().use_cached_features(trainer, backbone)
+        finally:
+            self._budget = budget
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        self._decoded = {}  # a whole data set's pixels: not kept past the fit that read them
+        self._budget = None

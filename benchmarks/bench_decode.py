@@ -1,0 +1,209 @@
+"""Epochs over a real folder of JPEGs with augmentation on: `transfer`'s image-folder loader, which
+decodes each image once per fit (data.decoded_cache_gb), beside a plain loop decoding with PIL every epoch.
+
+    python benchmarks/bench_decode.py [--device auto|cpu|cuda] [--quick] [--root DIR]
+
+bench.py calls `measure(spec, device)`; run alone, this prints its result as JSON. Each epoch is timed
+whole (loader, host-to-device copy, augmentation and normalisation, a forward pass) and without the
+forward pass ("data"), which is what decoding once changes. Both sides use the same loader settings
+(batch size, workers kept across epochs, shuffling) and the same model.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10" / "imagefolder_jpg"
+
+SIZES: dict[str, dict[str, Any]] = {
+    # The JPEGs are 32 px CIFAR-10 images; every epoch resizes them up to the training size.
+    "cpu": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 3, "workers": None},
+    "cuda": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None},
+    "quick": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None},
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _epochs(batches, preprocess, model, device: torch.device, epochs: int) -> list[float]:
+    """Seconds per epoch: the loader's batches copied to the device, augmented, and (given a model) its forward pass."""
+    seconds = []
+    for _ in range(epochs):
+        synchronize(device)
+        start = time.perf_counter()
+        for images in batches():
+            inputs = preprocess(images.to(device, non_blocking=True))
+            if model is not None:
+                with torch.no_grad():
+                    model(inputs)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _both(make_loader, preprocess, spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Epochs with the forward pass, then epochs of the data pipeline alone, each from a new loader
+    (for the tool: a new datamodule, so that its first epoch decodes again)."""
+    model = _model(spec, device)
+    loader, close = make_loader()
+    epoch_s = _epochs(lambda: iter(loader), preprocess, model, device, spec["epochs"])
+    images, workers = len(loader.dataset), loader.num_workers
+    close()
+    loader, close = make_loader()
+    data_s = _epochs(lambda: iter(loader), preprocess, None, device, spec["epochs"])
+    close()
+    return {"epoch_s": epoch_s, "data_s": data_s, "images": images, "workers": workers}
+
+
+def _model(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(spec["model"], weights=None, num_classes=10)
+    return model.to(device).eval().to(memory_format=torch.channels_last)
+
+
+def tool_side(root: Path, spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from transfer_cli.backbones import TorchvisionBackbone
+    from transfer_cli.data import ImageFolderDataModule
+    from transfer_cli.data.image_ops import BatchImageTransform
+
+    backbone = TorchvisionBackbone(spec["model"], weights=None, image_size=spec["image_size"])
+
+    def make_loader():
+        batch_size, workers = spec["batch_size"], spec["workers"]
+        data = ImageFolderDataModule(str(root), batch_size=batch_size, num_workers=workers, augment=True)
+        data.connect(backbone)
+        data.setup("fit")
+        return _Images(data.train_dataloader()), lambda: data.teardown("fit")
+
+    transform = BatchImageTransform(backbone.preprocessing())  # what on_after_batch_transfer does in training
+    return _both(make_loader, lambda images: transform(images, augment=True), spec, device)
+
+
+class _Images:
+    """The image tensors of a loader's batches (the tool's are dicts, torchvision's (images, labels) pairs)."""
+
+    def __init__(self, loader: DataLoader, key: Any = "inputs"):
+        self.loader, self.key, self.dataset, self.num_workers = loader, key, loader.dataset, loader.num_workers
+
+    def __iter__(self):
+        return (batch[self.key] for batch in self.loader)
+
+
+def plain_side(root: Path, spec: dict[str, Any], device: torch.device, workers: int) -> dict[str, Any]:
+    """A hand-written loop as tutorials write it: PIL decodes, resizes and augments in the workers."""
+    from transfer_cli.backbones import TorchvisionBackbone
+
+    p = TorchvisionBackbone(spec["model"], weights=None, image_size=spec["image_size"]).preprocessing()
+    crop = p.crop_size
+    augment = transforms.Compose(
+        [
+            transforms.Resize(p.resize_size),
+            transforms.CenterCrop(crop),
+            transforms.RandomCrop(crop, padding=max(1, crop // 8), padding_mode="reflect"),
+            transforms.RandomHorizontalFlip(),
+            transforms.PILToTensor(),
+        ]
+    )
+
+    def make_loader():
+        dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=augment)
+        loader = DataLoader(
+            dataset,
+            batch_size=spec["batch_size"],
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+        return _Images(loader, key=0), lambda: None
+
+    mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(p.std, device=device).view(1, 3, 1, 1) * 255
+    return _both(
+        make_loader,
+        lambda images: ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last),
+        spec,
+        device,
+    )
+
+
+def _all_training(source: Path, tmp: Path) -> Path:
+    """A root whose train/ is the source's whole train/ (its test/ validates), so every image trains."""
+    (tmp / "train").symlink_to(source / "train", target_is_directory=True)
+    (tmp / "val").symlink_to(source / "test", target_is_directory=True)
+    return tmp
+
+
+def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cpu", root: Path = DEFAULT_ROOT) -> dict:
+    """Both sides over the same images; ratios of the plain loop's and the first epoch's times to epoch 2."""
+    spec = dict(SIZES["cuda" if torch.device(device).type == "cuda" else "cpu"] if spec is None else spec)
+    device = torch.device(device)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"no JPEG folder at {root}/train (benchmarks/bench_decode.py --root DIR)")
+    load_before = os.getloadavg()[0]  # two shared cores: others' load moves every figure
+    with tempfile.TemporaryDirectory(prefix="transfer-bench-decode-") as tmp:
+        tree = _all_training(root, Path(tmp))
+        transfer = tool_side(tree, spec, device)
+        plain = plain_side(tree, spec, device, workers=transfer["workers"])
+    later = statistics.median(transfer["epoch_s"][1:])
+    later_data = statistics.median(transfer["data_s"][1:])
+    plain_epoch, plain_data = statistics.median(plain["epoch_s"]), statistics.median(plain["data_s"])
+    return {
+        "unit": "s/epoch",
+        "spec": spec,
+        "sides": {"transfer": transfer, "plain": plain},
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "epoch1_over_epoch2": transfer["epoch_s"][0] / transfer["epoch_s"][1],
+        "plain_over_epoch2": plain_epoch / later,
+        "data_epoch1_over_epoch2": transfer["data_s"][0] / transfer["data_s"][1],
+        "data_plain_over_epoch2": plain_data / later_data,
+    }
+
+
+def summary(result: dict[str, Any]) -> str:
+    t, p = result["sides"]["transfer"], result["sides"]["plain"]
+    epochs = ", ".join(f"{s:.2f}" for s in t["epoch_s"])
+    data = ", ".join(f"{s:.2f}" for s in t["data_s"])
+    return (
+        f"{t['images']} JPEGs, {result['spec']['model']} at {result['spec']['image_size']} px, {t['workers']} workers\n"
+        f"transfer epochs: {epochs} s (data only: {data} s)\n"
+        f"plain loop epochs: {', '.join(f'{s:.2f}' for s in p['epoch_s'])} s "
+        f"(data only: {', '.join(f'{s:.2f}' for s in p['data_s'])} s)\n"
+        f"epoch 1 / epoch 2: {result['epoch1_over_epoch2']:.2f}x (data only {result['data_epoch1_over_epoch2']:.2f}x); "
+        f"plain epoch / transfer epoch 2+: {result['plain_over_epoch2']:.2f}x "
+        f"(data only {result['data_plain_over_epoch2']:.2f}x); load average "
+        f"{result['load_average']['before']:.1f} -> {result['load_average']['after']:.1f}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test, not a measurement.")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="An image folder with train/ and test/.")
+    args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    spec = SIZES["quick" if args.quick else device]
+    result = measure(spec, device, args.root)
+    print(summary(result), file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
