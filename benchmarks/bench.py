@@ -175,6 +175,10 @@ def main() -> int:
         try:
             if name in WORKER_CASES:
                 results["cases"][name] = run_worker(name, sizes[name], device, args.threads)
+            elif name == "decode":
+                from bench_decode import measure
+
+                results["cases"][name] = measure(sizes[name], device)
             elif name == "startup":
                 from startup import startup_case
 

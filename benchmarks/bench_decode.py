@@ -25,14 +25,14 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10" / "imagefolder_jpg"
+DEFAULT_ROOT = (
+    Path(os.environ.get("TRANSFER_TEST_DATA", REPO.parent / "shared" / "data")) / "cifar10" / "imagefolder_jpg"
+)
 
-SIZES: dict[str, dict[str, Any]] = {
-    # The JPEGs are 32 px CIFAR-10 images; every epoch resizes them up to the training size.
-    "cpu": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 3, "workers": None},
-    "cuda": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None},
-    "quick": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sizes import SIZES as ALL_SIZES  # noqa: E402  (this script's folder, as bench.py has it)
+
+SIZES: dict[str, dict[str, Any]] = {mode: sizes["decode"] for mode, sizes in ALL_SIZES.items()}
 
 
 def synchronize(device: torch.device) -> None:

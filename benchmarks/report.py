@@ -100,6 +100,26 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             ratio_cpu,
             f"{_mem(tc)} / {_mem(c)}",
         )
+    if "decode" in cases:
+        case = cases["decode"]
+        t, p = case["sides"]["transfer"], case["sides"]["plain"]
+
+        def epochs(values: list[float]) -> str:
+            return " / ".join(f"{v:.2f}" for v in values)
+
+        for label, key, ratio_key, plain_key in (
+            ("with forward", "epoch_s", "epoch1_over_epoch2", "plain_over_epoch2"),
+            ("data only", "data_s", "data_epoch1_over_epoch2", "data_plain_over_epoch2"),
+        ):
+            row(
+                f"Image folder epochs, decoded once ({label})",
+                "decode",
+                f"epochs {epochs(t[key])} s",
+                f"epochs {epochs(p[key])} s (plain loop, PIL every epoch)",
+                f"epoch 1 / epoch 2 {case[ratio_key]:.2f}x; plain / epoch 2 {case[plain_key]:.2f}x",
+                "—",
+                "—",
+            )
     if "startup" in cases:
         s = cases["startup"]["sides"]
         baseline = f"{s['import_torch']['seconds']:.3f} s (`python -c 'import torch'`)"
@@ -165,6 +185,8 @@ def _setting(key: str, spec: dict[str, Any]) -> str:
         return f"{spec['model']} {spec['image_size']} px PNGs, batch {spec['batch_size']}"
     if key == "startup":
         return f"`transfer --help`, median of {spec['repeats']}"
+    if key == "decode":
+        return f"{spec['model']} {spec['image_size']} px, the shared JPEG folder (train), batch {spec['batch_size']}"
     return ""
 
 
@@ -225,6 +247,16 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         sides = cases["overhead"]["sides"]
         extra = sides["transfer"]["ms_per_step"] - sides["plain"]["ms_per_step"]
         out.append(("per-step host overhead < 1 ms", f"{extra:+.2f} ms", extra < 1))
+    if "decode" in cases:
+        d = cases["decode"]
+        for label, first, plain in (
+            ("with forward", d["epoch1_over_epoch2"], d["plain_over_epoch2"]),
+            ("data only", d["data_epoch1_over_epoch2"], d["data_plain_over_epoch2"]),
+        ):
+            out.append((f"image folder, {label}: epoch 2 >= 2x faster than epoch 1", f"{first:.2f}x", first >= 2))
+            out.append(
+                (f"image folder, {label}: epoch 2 >= 2x faster than the plain loop", f"{plain:.2f}x", plain >= 2)
+            )
     if "startup" in cases and "transfer_fit_help" in cases["startup"]["sides"]:
         s = cases["startup"]["sides"]["transfer_fit_help"]["seconds"]
         out.append(("`transfer fit --help` < 2 s", f"{s:.2f} s", s < 2))

@@ -32,6 +32,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "overhead": _train(32, batch_size=32, warmup=20, steps=200, repeats=3),
         "probe": {"model": "resnet50", "image_size": 32, "images": 1024, "batch_size": 64, "epochs": 10, "repeats": 2},
         "startup": {"repeats": 5, "heavy_repeats": 2},
+        # The shared JPEGs are 32 px CIFAR-10 images; every epoch resizes them up to the training size.
+        "decode": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 3, "workers": None},
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 1000], "batch_size": 16}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -43,6 +45,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "probe": {"model": "resnet50", "image_size": 224, "images": 4096, "batch_size": 256, "epochs": 10}
         | {"repeats": 2},
         "startup": {"repeats": 7, "heavy_repeats": 3},
+        "decode": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None},
         "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "counts": [1, 1000], "batch_size": 64}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -54,6 +57,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "overhead": _train(32, batch_size=8, warmup=5, steps=20, repeats=1),
         "probe": {"model": "resnet50", "image_size": 32, "images": 32, "batch_size": 16, "epochs": 2, "repeats": 1},
         "startup": {"repeats": 2, "heavy_repeats": 1},
+        "decode": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None},
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 16], "batch_size": 8}
         | {"repeats": 1, "memory_inputs": 100},
     },
