@@ -179,7 +179,9 @@ def test_cache_first_then_hub_with_revision_and_no_remote_code(tiny_dir, monkeyp
 
 def test_trust_remote_code_reaches_every_loader_only_when_set(tiny_dir, monkeypatch):
     seen = []
-    for cls in (hf.AutoConfig, hf.AutoTokenizer, hf.AutoModel):
+    import transformers  # the backbone imports its loaders from transformers when it loads
+
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModel):
         original = cls.from_pretrained
 
         def spy(*args, _original=original, **kwargs):
