@@ -77,25 +77,34 @@ def test_gradual_under_torchrun_keeps_replicas_identical_across_the_unfreeze_and
 
 
 @pytest.mark.slow
-def test_huggingface_full_finetuning_with_an_unused_pooler_runs_synchronised_under_ddp(
-    tmp_path, mnli_root, offline_env
+@pytest.mark.parametrize("strategy", ["full", "gradual"])
+def test_huggingface_finetuning_with_an_unused_pooler_runs_synchronised_under_ddp(
+    strategy, tmp_path, mnli_root, offline_env
 ):
     """BertModel builds a pooler the backbone never uses; as parameters without gradients it would stop
-    DDP ("parameters that were not used in producing loss")."""
+    DDP ("parameters that were not used in producing loss"). Full finetuning through Lightning's own
+    launcher; gradual (bert-mnli, the issue's torchrun command) through torchrun, re-wrapped at epoch 1."""
     tiny = make_tiny_bert(tmp_path / "tiny-bert")
-    result = run_transfer(
+    fit = (
         "fit", "--config", "bert-mnli", "--config", "debug", f"--data.root={mnli_root / 'fastnlp_fixture'}",
-        f"--model.init_args.backbone.init_args.model={tiny}", "--finetuning.strategy=full",
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", PROBE,
-        cwd=tmp_path, env=_env(offline_env),
+        f"--model.init_args.backbone.init_args.model={tiny}", "--trainer.accelerator=cpu", PROBE,
     )  # fmt: skip
+    if strategy == "full":
+        args = (*fit, "--finetuning.strategy=full", "--trainer.strategy=ddp", "--trainer.devices=2")
+        result = run_transfer(*args, cwd=tmp_path, env=_env(offline_env))
+    else:
+        args = (*fit, "--config", "ddp", *GRADUAL, "--trainer.max_epochs=2")
+        result = _torchrun(*args, cwd=tmp_path, env=_env(offline_env))
     assert result.returncode == 0, result.stderr[-3000:]
     models, backbone, parameters = _replicas(tmp_path)
     assert models[0] == models[1]
     pooler = {k for k in backbone["start"] if ".pooler." in k}
     assert pooler and not pooler & parameters  # kept (same state dict), but nothing to train
-    assert not _changed(backbone["start"], backbone["epoch0"]) & pooler
-    assert _changed(backbone["start"], backbone["epoch0"]) >= parameters
+    last = backbone["epoch0" if strategy == "full" else "epoch1"]
+    assert not _changed(backbone["start"], last) & pooler
+    if strategy == "gradual":
+        assert backbone["epoch0"] == backbone["start"]  # frozen through epoch 0
+    assert _changed(backbone["start"], last) >= parameters
 
 
 def test_gradual_is_refused_early_with_strategies_that_are_not_re_wrapped():

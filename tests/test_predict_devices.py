@@ -131,3 +131,39 @@ class iter_lines:  # noqa: N801 (a file-like reader over lines, as _round_robin 
 class _Tokenizer:
     def __call__(self, *columns, **kwargs):
         return {"input_ids": [[1, 2] for _ in columns[0]]}
+
+
+class _Killed(BaseException):
+    """Stands for the process dying: what SIGTERM's default handler does."""
+
+
+def test_sigterm_while_rank_zero_waits_for_the_other_ranks_is_143_and_leaves_nothing(tmp_path):
+    """Lightning puts SIGTERM's default handler back before callbacks' teardown, where rank 0 waits for
+    the other ranks' parts and merges them: a SIGTERM there must still be exit 143 with nothing left."""
+    import threading
+    from types import SimpleNamespace
+
+    from transfer_cli.callbacks.prediction_shards import PredictionShards
+    from transfer_cli.callbacks.prediction_writer import PredictionWriter
+    from transfer_cli.errors import EXIT_TERMINATED, Interrupted
+
+    def killed(signum, frame):
+        raise _Killed()
+
+    output = tmp_path / "predictions.jsonl"
+    writer = PredictionWriter(output=str(output))
+    parts = tmp_path / ".predictions.jsonl.parts"
+    parts.mkdir()
+    writer._shards = PredictionShards(parts, rank=0, world_size=2)  # rank 1 never finishes: rank 0 waits
+    trainer = SimpleNamespace(global_rank=0, received_sigterm=False)
+    previous = signal.signal(signal.SIGTERM, killed)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(Interrupted) as stopped:
+            writer.teardown(trainer, None, "predict")
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == EXIT_TERMINATED
+    assert sorted(os.listdir(tmp_path)) == []  # no output, no parts

@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_compat import image_inputs
+from test_compat import image_inputs
+
 from transfer_cli import help_cache
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

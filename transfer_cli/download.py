@@ -113,9 +113,30 @@ def _machine_lock(root: Path) -> Iterator[None]:
         yield
         return
     key = hashlib.sha1(os.fsencode(root.expanduser().resolve())).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"transfer-download-{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    path = Path(tempfile.gettempdir()) / f"transfer-download-{key}.lock"
+    fd = _lock_file(path)
+    if fd is None:  # no lock file this user may open: the download goes on unguarded, as before locks
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_file(path: Path) -> int | None:
+    """The lock file opened for flock: shared by every user of the machine (another user's run on the same
+    data root must wait too), so it is made writable by all; flock needs no write access to lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # made by another user, not writable for this one
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666)  # past the umask; fails harmlessly on another user's file
+    return fd

@@ -56,6 +56,8 @@ VERBS: dict[str, tuple[str, str | None]] = {
     ),
 }
 SUBCOMMANDS = tuple(verb for verb, (_, target) in VERBS.items() if target is None)
+# Verbs that never import Lightning (nor torch, for the listing of local names): torchmetrics stays unloaded.
+WITHOUT_LIGHTNING = ("backbones",)
 
 USAGE = """\
 usage: transfer [-h] [--version] {{{verbs}}} ...
@@ -82,10 +84,11 @@ def _usage() -> str:
 
 
 def _dispatch(args: list[str]) -> int:
-    from transfer_cli.lean_imports import torchmetrics_without_extras
-
-    torchmetrics_without_extras()  # before anything imports lightning: seconds off every verb's start
     target = VERBS.get(args[0], (None, None))[1]
+    if args[0] not in WITHOUT_LIGHTNING:
+        from transfer_cli.lean_imports import torchmetrics_without_extras
+
+        torchmetrics_without_extras()  # before anything imports lightning: seconds off every verb's start
     if target is None:
         from transfer_cli.cli import run
 

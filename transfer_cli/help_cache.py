@@ -64,7 +64,9 @@ def cache_dir() -> Path:
 def _entry(args: list[str]) -> Path | None:
     if os.environ.get("TRANSFER_HELP_CACHE", "1") == "0":
         return None
-    key = hashlib.sha256(repr((args[0], _versions(), _source_stamp(), _width())).encode()).hexdigest()[:32]
+    # sys.prefix: two environments share the cache folder; the Python version: argparse's formatting changes.
+    stamp = (args[0], sys.version, sys.prefix, _versions(), _source_stamp(), _width())
+    key = hashlib.sha256(repr(stamp).encode()).hexdigest()[:32]
     return cache_dir() / f"{args[0]}-{key}.txt"
 
 

@@ -9,10 +9,12 @@ torchmetrics decides those imports by truth-testing availability flags (lightnin
 `RequirementCache` objects in `torchmetrics.utilities.imports`) and, for scipy, by calling
 `package_available`. `torchmetrics_without_extras` has both answer "not installed" for the heavy
 packages while the package imports, then lets the flags check again: the metrics transfer uses
-(accuracy, mean) are unaffected, the heavy packages are imported later by whoever needs them (a
-torchvision backbone, a HuggingFace one, the report's plots), and a metric that needs an extra still
-finds it available when it is built. If torchmetrics changed its layout, nothing is held back and
-the import is simply slower.
+(accuracy, mean) are unaffected, and the heavy packages are imported later by whoever needs them (a
+torchvision backbone, a HuggingFace one, the report's plots). The price: in a `transfer` process,
+torchmetrics' own metrics built on those packages lose what their modules import at the top (their
+`.plot()`, BERTScore, CLIP, ARNIQA, detection IoUs); a model of your own that uses them runs with
+TRANSFER_LEAN_IMPORTS=0. If torchmetrics changed its layout, nothing is held back and the import is
+simply slower.
 """
 
 import contextlib
@@ -28,7 +30,7 @@ HEAVY_PACKAGES = ("scipy",)  # asked through lightning_utilities' package_availa
 
 def torchmetrics_without_extras() -> None:
     """Import torchmetrics (if nobody has yet) without importing its optional heavy packages."""
-    if "torchmetrics" in sys.modules:
+    if "torchmetrics" in sys.modules or os.environ.get("TRANSFER_LEAN_IMPORTS", "1") == "0":
         return
     flags = _hold_flags()
     try:

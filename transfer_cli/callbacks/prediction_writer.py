@@ -20,7 +20,14 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from transfer_cli.callbacks.prediction_shards import PredictionShards
-from transfer_cli.errors import EXIT_TERMINATED, ConfigError, DataError, Interrupted, ResourceError
+from transfer_cli.errors import (
+    EXIT_TERMINATED,
+    ConfigError,
+    DataError,
+    Interrupted,
+    ResourceError,
+    sigterm_as_interrupt,
+)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -126,6 +133,20 @@ class PredictionWriter(BasePredictionWriter):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict" or self._shards is None:
             return
+        # Lightning has put SIGTERM's default handler back before callbacks' teardown, so waiting for the
+        # other ranks and merging their rows would die on the spot, leaving the parts behind: here SIGTERM
+        # raises Interrupted (exit 143) and this cleans up as on_exception does during the run.
+        try:
+            with sigterm_as_interrupt("terminated (SIGTERM)"):
+                self._gather(trainer)
+        except BaseException:
+            self._discard()
+            if self._shards is not None and trainer.global_rank == 0:
+                self._shards.remove()
+            self._shards = None
+            raise
+
+    def _gather(self, trainer: L.Trainer) -> None:
         stopped = lambda: trainer.received_sigterm  # noqa: E731
         self._shards.finish()
         if trainer.global_rank != 0:

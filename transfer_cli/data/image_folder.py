@@ -194,6 +194,17 @@ class ImageFolderDataModule(ImageDataModule):
         decoded_cache). Made when the loader is, in this process, so that every loader worker shares it."""
         if "train" not in self._splits or split not in ("train", "val"):
             return self._splits[split]  # read once (validate, test): nothing to keep
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and self.decoded_cache_gb > 0:
+            # Each process would keep the whole split for itself, and DistributedSampler deals each one
+            # other images every epoch (a hit rate of about 1/W in epoch 2): memory times W for little.
+            if split == "train" and self.trainer.global_rank == 0:
+                print(
+                    f"transfer: image folders are decoded every epoch on {world} processes "
+                    "(data.decoded_cache_gb applies to one process)",
+                    file=sys.stderr,
+                )
+            return self._splits[split]
         if split not in self._decoded:
             if self._budget is None:
                 self._budget = DecodedBudget(self.decoded_cache_gb)
