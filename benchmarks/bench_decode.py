@@ -30,14 +30,10 @@ DEFAULT_ROOT = (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import synchronize  # noqa: E402
 from sizes import SIZES as ALL_SIZES  # noqa: E402  (this script's folder, as bench.py has it)
 
 SIZES: dict[str, dict[str, Any]] = {mode: sizes["decode"] for mode, sizes in ALL_SIZES.items()}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _epochs(batches, preprocess, model, device: torch.device, epochs: int) -> list[float]:
