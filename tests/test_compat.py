@@ -154,3 +154,31 @@ def test_class_paths_stored_in_old_checkpoints_are_todays(name):
     class_paths, callback_keys = stored_names(FIXTURES / f"{name}.ckpt")
     assert class_paths == STORED_CLASS_PATHS[name]
     assert callback_keys == STORED_CALLBACK_KEYS[name]
+
+
+def test_old_text_training_checkpoint_resumes_with_its_optimizer_state(tmp_path, offline_env, mnli_root):
+    """`fit --ckpt_path` on a training checkpoint of an earlier version goes on where it stopped.
+
+    text-v1 was written when the BERT pooler's weights were still parameters (now buffers, see
+    backbones/huggingface.py): its optimizer's backbone group lists two tensors more than today's.
+    """
+    from test_huggingface import make_tiny_bert
+
+    tiny = make_tiny_bert(tmp_path / "tiny-bert")  # the same architecture the fixture was written with
+    old = torch.load(FIXTURES / "text-v1.ckpt", map_location="cpu", weights_only=True)
+    result = run_transfer(
+        "fit", "--config=bert-mnli", "--config=debug", f"--data.root={mnli_root / 'fastnlp_fixture'}",
+        f"--model.init_args.backbone.init_args.model={tiny}", f"--ckpt_path={FIXTURES / 'text-v1.ckpt'}",
+        "--trainer.max_epochs=2", cwd=tmp_path, env=offline_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    new = torch.load(tmp_path / "runs" / "bert-mnli" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert new["epoch"] == old["epoch"] + 1
+    steps_taken = new["global_step"] - old["global_step"]
+    assert steps_taken > 0
+    before, after = old["optimizer_states"][0], new["optimizer_states"][0]
+    head, backbone = (len(group["params"]) for group in after["param_groups"])
+    assert len(before["param_groups"][1]["params"]) == backbone + 2  # the pooler's weight and bias
+    # Every parameter's Adam step count went on from the saved one: the state was resumed, not restarted.
+    for position in range(head + backbone):
+        assert after["state"][position]["step"] == before["state"][position]["step"] + steps_taken

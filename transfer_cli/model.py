@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.errors import ConfigError
 from transfer_cli.heads import LinearHead
+from transfer_cli.optimizer_state import drop_former_parameters
 from transfer_cli.report.metrics import summarize
 from transfer_cli.report.states import EvaluationStates, Mistakes
 from transfer_cli.schedules import build, optimizers
@@ -108,6 +109,10 @@ class TransferModel(L.LightningModule):
             seconds = time.perf_counter() - self._first_step_started
             print(f"transfer: first training step, including torch.compile: {seconds:.1f}s", file=sys.stderr)
             self._first_step_started = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning restores the optimizer, so an earlier version's training state resumes.
+        drop_former_parameters(checkpoint, self.backbone)
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.head(self.backbone(inputs))

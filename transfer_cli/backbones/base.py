@@ -55,6 +55,11 @@ class Backbone(nn.Module):
     def offline_init_args(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def former_parameter_names(self) -> list[str] | None:
+        """The names of `parameters()` in order as training checkpoints of earlier versions listed them,
+        where this backbone now holds some of those tensors as buffers; None when nothing changed."""
+        return None
+
 
 class ImageModelBackbone(Backbone):
     """An image classifier with its classifier removed, held as `self.model`: what the torchvision and

@@ -68,7 +68,8 @@ class HuggingFaceBackbone(Backbone):
             self.model, self.tokenizer = _load(model, revision, trust_remote_code)
             self._offline_args = None
         self.num_features = _hidden_size(self.model.config, model)
-        _hold_unused_pooler(self.model)
+        # By module name within this backbone: what former_parameter_names needs.
+        self._held = {f"model.{module}": names for module, names in _hold_unused_pooler(self.model).items()}
         # from_pretrained hands models over in eval mode; a fresh backbone trains like any nn.Module.
         self.model.train()
 
@@ -85,6 +86,17 @@ class HuggingFaceBackbone(Backbone):
 
     def preprocessing(self) -> "PreTrainedTokenizerBase":
         return self.tokenizer
+
+    def former_parameter_names(self) -> list[str] | None:
+        # Training checkpoints written before the pooler was held list its weights in the optimizer's
+        # backbone group; parameters() follows module order, and the held tensors kept their modules.
+        if not self._held:
+            return None
+        names = []
+        for prefix, module in self.named_modules():
+            own = [name for name, _ in module.named_parameters(recurse=False)] + self._held.get(prefix, [])
+            names += [f"{prefix}.{name}" for name in own]
+        return names
 
     def offline_init_args(self) -> dict[str, Any]:
         if self._offline_args is None:
@@ -142,7 +154,7 @@ def _from_pretrained(source: str, revision: str | None, trust_remote_code: bool,
     return model.float(), tokenizer
 
 
-def _hold_unused_pooler(model: torch.nn.Module) -> None:
+def _hold_unused_pooler(model: torch.nn.Module) -> dict[str, list[str]]:
     """Turn the weights of the model's pooler (BERT, RoBERTa, ALBERT, MPNet...) into buffers.
 
     forward pools `last_hidden_state` itself, so the pooler never reaches the loss: as parameters its
@@ -150,14 +162,19 @@ def _hold_unused_pooler(model: torch.nn.Module) -> None:
     producing loss") and gives the optimizer weights it can never move. As buffers they keep their
     names, so state dicts (and checkpoints written before, in both directions) stay the same, and
     nothing makes them trainable again (the finetuning policy unfreezes parameters only).
+
+    Returns the names held, by module name within `model`.
     """
     pooler = getattr(model, "pooler", None)
+    held: dict[str, list[str]] = {}
     if not isinstance(pooler, torch.nn.Module):
-        return
-    for module in pooler.modules():
+        return held
+    for prefix, module in pooler.named_modules(prefix="pooler"):
         for name, param in list(module.named_parameters(recurse=False)):
             delattr(module, name)
             module.register_buffer(name, param.detach())
+            held.setdefault(prefix, []).append(name)
+    return held
 
 
 def _offline() -> bool:
