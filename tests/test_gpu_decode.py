@@ -65,9 +65,16 @@ def test_device_decoding_gives_the_images_labels_and_order_of_worker_decoding(im
 
 
 def test_the_device_decoder_gets_every_jpeg_of_a_batch_in_one_call(imagefolder_root, monkeypatch):
+    import torchvision.io
+
     calls = []
-    real = device_decode._decode
-    monkeypatch.setattr(device_decode, "_decode", lambda enc, ids, dev: calls.append(len(enc)) or real(enc, ids, dev))
+    real = torchvision.io.decode_jpeg
+
+    def counted(data, **options):
+        calls.append(len(data) if isinstance(data, list) else "one image")
+        return real(data, **options)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
     batches = _epoch(_folder(imagefolder_root, "device"), "train", seed=0)
     assert calls == [len(b["ids"]) for b in batches]  # every image of the shared folder is a plain JPEG
 
