@@ -120,6 +120,19 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 "—",
                 "—",
             )
+        for cache in ("on", "off"):  # data.decode_on=device (bench_decode: spec device_decode)
+            d = case["sides"].get(f"device_cache_{cache}")
+            if d is not None:
+                row(
+                    f"Image folder epochs, JPEGs decoded on the device, cache {cache} (with forward)",
+                    "decode",
+                    f"epochs {epochs(d['epoch_s'])} s (data only {epochs(d['data_s'])} s)",
+                    f"epochs {epochs(t['epoch_s'])} s (decoded in the workers)",
+                    f"workers / device, epoch 1 {t['epoch_s'][0] / d['epoch_s'][0]:.2f}x, "
+                    f"epoch 2 {t['epoch_s'][1] / d['epoch_s'][1]:.2f}x",
+                    "—",
+                    "—",
+                )
     if "startup" in cases:
         s = cases["startup"]["sides"]
         baseline = f"{s['import_torch']['seconds']:.3f} s (`python -c 'import torch'`)"

@@ -45,7 +45,9 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "probe": {"model": "resnet50", "image_size": 224, "images": 4096, "batch_size": 256, "epochs": 10}
         | {"repeats": 2},
         "startup": {"repeats": 7, "heavy_repeats": 3},
-        "decode": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None},
+        # device_decode: also the epochs with data.decode_on=device (nvjpeg), the decoded-once cache on and off.
+        "decode": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None}
+        | {"device_decode": True},
         "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "counts": [1, 1000], "batch_size": 64}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -57,7 +59,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "overhead": _train(32, batch_size=8, warmup=5, steps=20, repeats=1),
         "probe": {"model": "resnet50", "image_size": 32, "images": 32, "batch_size": 16, "epochs": 2, "repeats": 1},
         "startup": {"repeats": 2, "heavy_repeats": 1},
-        "decode": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None},
+        "decode": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None}
+        | {"device_decode": True},
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 16], "batch_size": 8}
         | {"repeats": 1, "memory_inputs": 100},
     },
