@@ -34,6 +34,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "startup": {"repeats": 5, "heavy_repeats": 2},
         # The shared JPEGs are 32 px CIFAR-10 images; every epoch resizes them up to the training size.
         "decode": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 3, "workers": None},
+        # Issue 16's "small backbone": MobileNetV3-Small (2.5 M parameters, 0.06 GFLOPs at 224 px, torchvision's
+        # smallest classifier) at the same 64 px; ResNet18 (1.8 GFLOPs) spends most of a CPU epoch in the model.
+        "decode_small": {
+            "model": "mobilenet_v3_small",
+            "image_size": 64,
+            "batch_size": 64,
+            "epochs": 3,
+            "workers": None,
+        },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 1000], "batch_size": 16}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -48,6 +57,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         # device_decode: also the epochs with data.decode_on=device (nvjpeg), the decoded-once cache on and off.
         "decode": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None}
         | {"device_decode": True},
+        "decode_small": {"model": "mobilenet_v3_small", "image_size": 224, "batch_size": 256, "epochs": 3}
+        | {"workers": None},
         "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "counts": [1, 1000], "batch_size": 64}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -61,6 +72,13 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "startup": {"repeats": 2, "heavy_repeats": 1},
         "decode": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None}
         | {"device_decode": True},
+        "decode_small": {
+            "model": "mobilenet_v3_small",
+            "image_size": 32,
+            "batch_size": 32,
+            "epochs": 2,
+            "workers": None,
+        },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 16], "batch_size": 8}
         | {"repeats": 1, "memory_inputs": 100},
     },
