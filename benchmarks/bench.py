@@ -175,7 +175,7 @@ def main() -> int:
         try:
             if name in WORKER_CASES:
                 results["cases"][name] = run_worker(name, sizes[name], device, args.threads)
-            elif name == "decode":
+            elif name in ("decode", "decode_small"):
                 from bench_decode import measure
 
                 results["cases"][name] = measure(sizes[name], device)

@@ -72,7 +72,9 @@ def _model(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
     return model.to(device).eval().to(memory_format=torch.channels_last)
 
 
-def tool_side(root: Path, spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def tool_side(root: Path, spec: dict[str, Any], device: torch.device, decode_on: str = "workers") -> dict[str, Any]:
+    """`decode_on` as data.decode_on: with "device", the loader hands out JPEG bytes and the batch
+    transfer (Lightning's transfer_batch_to_device hook) decodes them on `device`."""
     from transfer_cli.backbones import TorchvisionBackbone
     from transfer_cli.data import ImageFolderDataModule
     from transfer_cli.data.image_ops import BatchImageTransform
@@ -81,13 +83,34 @@ def tool_side(root: Path, spec: dict[str, Any], device: torch.device) -> dict[st
 
     def make_loader():
         batch_size, workers = spec["batch_size"], spec["workers"]
-        data = ImageFolderDataModule(str(root), batch_size=batch_size, num_workers=workers, augment=True)
+        data = ImageFolderDataModule(
+            str(root),
+            batch_size=batch_size,
+            num_workers=workers,
+            augment=True,
+            decode_on=decode_on,
+            **{key: spec[key] for key in ("decoded_cache_gb",) if key in spec},
+        )
         data.connect(backbone)
         data.setup("fit")
-        return _Images(data.train_dataloader()), lambda: data.teardown("fit")
+        loader = data.train_dataloader()
+        if decode_on == "device":
+            loader = _Transferred(loader, lambda batch: data.transfer_batch_to_device(batch, device, 0))
+        return _Images(loader), lambda: data.teardown("fit")
 
     transform = BatchImageTransform(backbone.preprocessing())  # what on_after_batch_transfer does in training
     return _both(make_loader, lambda images: transform(images, augment=True), spec, device)
+
+
+class _Transferred:
+    """A loader whose batches go through the datamodule's device transfer (decoding, for decode_on=device)."""
+
+    def __init__(self, loader: DataLoader, transfer):
+        self.loader, self.transfer = loader, transfer
+        self.dataset, self.num_workers = loader.dataset, loader.num_workers
+
+    def __iter__(self):
+        return (self.transfer(batch) for batch in self.loader)
 
 
 class _Images:
@@ -156,19 +179,30 @@ def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cp
         tree = _all_training(root, Path(tmp))
         transfer = tool_side(tree, spec, device)
         plain = plain_side(tree, spec, device, workers=transfer["workers"])
+        # data.decode_on=device: the same epochs with JPEGs decoded on the device, cache on and off.
+        on_device = {
+            f"device_cache_{'on' if cache else 'off'}": tool_side(
+                tree, {**spec, "decoded_cache_gb": cache}, device, "device"
+            )
+            for cache in ((4.0, 0.0) if spec.get("device_decode") else ())
+        }
     later = statistics.median(transfer["epoch_s"][1:])
     later_data = statistics.median(transfer["data_s"][1:])
     plain_epoch, plain_data = statistics.median(plain["epoch_s"]), statistics.median(plain["data_s"])
     return {
         "unit": "s/epoch",
         "spec": spec,
-        "sides": {"transfer": transfer, "plain": plain},
+        "sides": {"transfer": transfer, "plain": plain, **on_device},
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "epoch1_over_epoch2": transfer["epoch_s"][0] / transfer["epoch_s"][1],
         "plain_over_epoch2": plain_epoch / later,
         "data_epoch1_over_epoch2": transfer["data_s"][0] / transfer["data_s"][1],
         "data_plain_over_epoch2": plain_data / later_data,
     }
+
+
+def _seconds(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -184,6 +218,11 @@ def summary(result: dict[str, Any]) -> str:
         f"plain epoch / transfer epoch 2+: {result['plain_over_epoch2']:.2f}x "
         f"(data only {result['data_plain_over_epoch2']:.2f}x); load average "
         f"{result['load_average']['before']:.1f} -> {result['load_average']['after']:.1f}"
+    ) + "".join(
+        f"\ndecoded on the device, cache {name.rsplit('_', 1)[1]}: epochs {_seconds(side['epoch_s'])} s "
+        f"(data only: {_seconds(side['data_s'])} s)"
+        for name, side in result["sides"].items()
+        if name.startswith("device_cache_")
     )
 
 

@@ -22,6 +22,9 @@ COLUMNS = [
     "others' CPU use",
 ]
 
+# The image-folder decode cases (bench_decode.py): ResNet18, and a genuinely small backbone.
+DECODE_CASES = ("decode", "decode_small")
+
 
 def _mem(side: dict[str, Any] | None) -> str:
     return "—" if side is None or "memory" not in side else f"{side['memory']['peak_mb']:,.0f} MB"
@@ -100,8 +103,8 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             ratio_cpu,
             f"{_mem(tc)} / {_mem(c)}",
         )
-    if "decode" in cases:
-        case = cases["decode"]
+    for decode_key in [k for k in DECODE_CASES if k in cases]:
+        case = cases[decode_key]
         t, p = case["sides"]["transfer"], case["sides"]["plain"]
 
         def epochs(values: list[float]) -> str:
@@ -113,13 +116,26 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         ):
             row(
                 f"Image folder epochs, decoded once ({label})",
-                "decode",
+                decode_key,
                 f"epochs {epochs(t[key])} s",
                 f"epochs {epochs(p[key])} s (plain loop, PIL every epoch)",
                 f"epoch 1 / epoch 2 {case[ratio_key]:.2f}x; plain / epoch 2 {case[plain_key]:.2f}x",
                 "—",
                 "—",
             )
+        for cache in ("on", "off"):  # data.decode_on=device (bench_decode: spec device_decode)
+            d = case["sides"].get(f"device_cache_{cache}")
+            if d is not None:
+                row(
+                    f"Image folder epochs, JPEGs decoded on the device, cache {cache} (with forward)",
+                    decode_key,
+                    f"epochs {epochs(d['epoch_s'])} s (data only {epochs(d['data_s'])} s)",
+                    f"epochs {epochs(t['epoch_s'])} s (decoded in the workers)",
+                    f"workers / device, epoch 1 {t['epoch_s'][0] / d['epoch_s'][0]:.2f}x, "
+                    f"epoch 2 {t['epoch_s'][1] / d['epoch_s'][1]:.2f}x",
+                    "—",
+                    "—",
+                )
     if "startup" in cases:
         s = cases["startup"]["sides"]
         baseline = f"{s['import_torch']['seconds']:.3f} s (`python -c 'import torch'`)"
@@ -185,7 +201,7 @@ def _setting(key: str, spec: dict[str, Any]) -> str:
         return f"{spec['model']} {spec['image_size']} px PNGs, batch {spec['batch_size']}"
     if key == "startup":
         return f"`transfer --help`, median of {spec['repeats']}"
-    if key == "decode":
+    if key in DECODE_CASES:
         return f"{spec['model']} {spec['image_size']} px, the shared JPEG folder (train), batch {spec['batch_size']}"
     return ""
 
@@ -247,16 +263,16 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         sides = cases["overhead"]["sides"]
         extra = sides["transfer"]["ms_per_step"] - sides["plain"]["ms_per_step"]
         out.append(("per-step host overhead < 1 ms", f"{extra:+.2f} ms", extra < 1))
-    if "decode" in cases:
-        d = cases["decode"]
+    for decode_key in [k for k in DECODE_CASES if k in cases]:
+        d = cases[decode_key]
+        model = f"{d['spec']['model']} {d['spec']['image_size']} px"
         for label, first, plain in (
             ("with forward", d["epoch1_over_epoch2"], d["plain_over_epoch2"]),
             ("data only", d["data_epoch1_over_epoch2"], d["data_plain_over_epoch2"]),
         ):
-            out.append((f"image folder, {label}: epoch 2 >= 2x faster than epoch 1", f"{first:.2f}x", first >= 2))
-            out.append(
-                (f"image folder, {label}: epoch 2 >= 2x faster than the plain loop", f"{plain:.2f}x", plain >= 2)
-            )
+            what = f"image folder ({model}), {label}"
+            out.append((f"{what}: epoch 2 >= 2x faster than epoch 1", f"{first:.2f}x", first >= 2))
+            out.append((f"{what}: epoch 2 >= 2x faster than the plain loop", f"{plain:.2f}x", plain >= 2))
     if "startup" in cases and "transfer_fit_help" in cases["startup"]["sides"]:
         s = cases["startup"]["sides"]["transfer_fit_help"]["seconds"]
         out.append(("`transfer fit --help` < 2 s", f"{s:.2f} s", s < 2))

@@ -34,6 +34,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "startup": {"repeats": 5, "heavy_repeats": 2},
         # The shared JPEGs are 32 px CIFAR-10 images; every epoch resizes them up to the training size.
         "decode": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 3, "workers": None},
+        # Issue 16's "small backbone": MobileNetV3-Small (2.5 M parameters, 0.06 GFLOPs at 224 px, torchvision's
+        # smallest classifier) at the same 64 px; ResNet18 (1.8 GFLOPs) spends most of a CPU epoch in the model.
+        "decode_small": {
+            "model": "mobilenet_v3_small",
+            "image_size": 64,
+            "batch_size": 64,
+            "epochs": 3,
+            "workers": None,
+        },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 1000], "batch_size": 16}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -45,7 +54,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "probe": {"model": "resnet50", "image_size": 224, "images": 4096, "batch_size": 256, "epochs": 10}
         | {"repeats": 2},
         "startup": {"repeats": 7, "heavy_repeats": 3},
-        "decode": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None},
+        # device_decode: also the epochs with data.decode_on=device (nvjpeg), the decoded-once cache on and off.
+        "decode": {"model": "resnet18", "image_size": 224, "batch_size": 256, "epochs": 3, "workers": None}
+        | {"device_decode": True},
+        "decode_small": {"model": "mobilenet_v3_small", "image_size": 224, "batch_size": 256, "epochs": 3}
+        | {"workers": None},
         "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "counts": [1, 1000], "batch_size": 64}
         | {"repeats": 3, "memory_inputs": 10000},
     },
@@ -57,7 +70,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "overhead": _train(32, batch_size=8, warmup=5, steps=20, repeats=1),
         "probe": {"model": "resnet50", "image_size": 32, "images": 32, "batch_size": 16, "epochs": 2, "repeats": 1},
         "startup": {"repeats": 2, "heavy_repeats": 1},
-        "decode": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None},
+        "decode": {"model": "resnet18", "image_size": 32, "batch_size": 32, "epochs": 2, "workers": None}
+        | {"device_decode": True},
+        "decode_small": {
+            "model": "mobilenet_v3_small",
+            "image_size": 32,
+            "batch_size": 32,
+            "epochs": 2,
+            "workers": None,
+        },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 16], "batch_size": 8}
         | {"repeats": 1, "memory_inputs": 100},
     },

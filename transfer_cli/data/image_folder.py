@@ -3,12 +3,14 @@
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.data.base import seeded_split
 from transfer_cli.data.decoded_cache import DecodedBudget, check_limit
+from transfer_cli.data.device_decode import EncodedImages, collate_encoded, decode_on_device
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
 from transfer_cli.data.images import ImageDataModule, ImageFiles
 from transfer_cli.errors import ConfigError, DataError
@@ -74,6 +76,7 @@ class ImageFolderDataModule(ImageDataModule):
         augment: bool = True,
         skip_bad_images: bool = False,
         decoded_cache_gb: float = 4.0,
+        decode_on: Literal["workers", "device"] = "workers",
         predict_input: str | None = None,
     ):
         """Images in class folders (JPEG, PNG, WebP, ...); class names are the folder names.
@@ -96,6 +99,12 @@ class ImageFolderDataModule(ImageDataModule):
                 epoch decodes them; augmentation still differs every epoch. Images past the limit
                 (or past half the free memory) are decoded every epoch, as a one-line notice says.
                 0 turns the cache off.
+            decode_on: Where JPEGs are decoded for fit, validate and test. `workers`: in the loader
+                workers (PIL). `device`: the workers only read the files, and each batch's JPEGs are
+                decoded together on the training device (torchvision's decode_jpeg: nvjpeg on a GPU),
+                for a GPU that a few CPU cores cannot keep fed. Other formats, CMYK and EXIF-rotated
+                JPEGs are still decoded in the workers. The decoded-once cache still applies and wins:
+                images it holds are not decoded again. Predicting always decodes in the workers.
             predict_input: Images to predict on (set by `transfer predict --input`).
         """
         super().__init__(batch_size, num_workers, augment, predict_input)
@@ -104,6 +113,9 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.decoded_cache_gb = check_limit(decoded_cache_gb)
+        if decode_on not in ("workers", "device"):  # the parser checks the CLI; this, Python callers
+            raise ConfigError(f"data.decode_on must be 'workers' or 'device', got {decode_on!r}.")
+        self.decode_on = decode_on
         self._decoded: dict[str, Dataset] = {}
         self._budget: DecodedBudget | None = None
         self._found: dict[str, dict[str, list[Path]]] = {}
@@ -187,11 +199,20 @@ class ImageFolderDataModule(ImageDataModule):
         return ImageFiles(paths, self.preprocessing, labels)
 
     def split_loader(self, split: str) -> DataLoader:
+        if self.decode_on == "device":
+            encoded = EncodedImages(self._decoded_once(split), split)
+            return self._loader(encoded, shuffle=split == "train", collate_fn=collate_encoded)
         return self._loader(self._decoded_once(split), shuffle=split == "train")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "encoded" in batch:
+            batch = decode_on_device(batch, device, self.preprocessing, self._decoded)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _decoded_once(self, split: str) -> Dataset:
         """A fit reads its training and validation images every epoch: those are decoded once (see
-        decoded_cache). Made when the loader is, in this process, so that every loader worker shares it."""
+        decoded_cache). Made when the loader is, in this process, so that every loader worker shares it.
+        Decoding on the device, this process fills it (device_decode): the same shared tensors."""
         if "train" not in self._splits or split not in ("train", "val"):
             return self._splits[split]  # read once (validate, test): nothing to keep
         world = self.trainer.world_size if self.trainer is not None else 1
