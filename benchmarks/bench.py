@@ -183,6 +183,10 @@ def main() -> int:
                 from startup import startup_case
 
                 results["cases"][name] = startup_case(sizes[name])
+            elif name == "first_row_text":
+                from startup_text import text_first_row_case
+
+                results["cases"][name] = text_first_row_case(sizes[name], device)
             else:
                 from startup import first_row_case
 

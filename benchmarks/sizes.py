@@ -45,6 +45,8 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 1000], "batch_size": 16}
         | {"repeats": 3, "memory_inputs": 10000},
+        # A text checkpoint: all-MiniLM-L6-v2 (6 layers, 384 wide) with a linear head, JSONL rows of 6-40 words.
+        "first_row_text": {"batch_size": 16, "counts": [1, 1000], "repeats": 3},
     },
     "cuda": {
         "resnet50_224": _train(224, batch_size=256, warmup=10, steps=40, repeats=3),
@@ -61,6 +63,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         | {"workers": None},
         "first_row": {"model": "resnet50", "image_size": 224, "source_size": 32, "counts": [1, 1000], "batch_size": 64}
         | {"repeats": 3, "memory_inputs": 10000},
+        "first_row_text": {"batch_size": 64, "counts": [1, 1000], "repeats": 3},
     },
     # A smoke test of the whole script in a couple of minutes; the numbers mean little.
     "quick": {
@@ -81,5 +84,6 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 16], "batch_size": 8}
         | {"repeats": 1, "memory_inputs": 100},
+        "first_row_text": {"batch_size": 8, "counts": [1, 16], "repeats": 1},
     },
 }
