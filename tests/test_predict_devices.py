@@ -75,6 +75,23 @@ def test_sigterm_on_several_devices_leaves_no_output_and_no_parts(tmp_path, imag
     assert os.listdir(out.parent) == []
 
 
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_run_with_its_error_and_leaves_nothing(tmp_path, odd_folder, offline_env):
+    """Rank 1's disk fills up at its second batch: rank 0 sees its marker, removes the parts and ends with
+    rank 1's error (exit 6), where Lightning's launcher would otherwise SIGKILL it (exit 137, parts left)."""
+    out = tmp_path / "out" / "preds.jsonl"
+    tests = str(Path(__file__).parent)  # for predict_faults
+    env = {**offline_env, "PYTHONPATH": os.pathsep.join([tests, offline_env.get("PYTHONPATH", "")])}
+    result = run_transfer(
+        "predict", "--ckpt", CKPT, "--input", odd_folder, "--output", out, "--data.batch_size=4", *DDP,
+        "--trainer.callbacks+=predict_faults.FullDiskOnRank", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 6, result.stderr[-3000:]
+    assert "Process 1 of 2 failed, so nothing was written: Cannot write predictions to" in result.stderr
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(out.parent) == []  # neither the output nor the parts folder beside it
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
