@@ -1,6 +1,7 @@
 """The frozen-feature cache on two processes (CPU, gloo, Lightning's own launcher): each process
 computes a share of the features, and trains on the very batches DDP's sampler would have dealt it."""
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -41,6 +42,13 @@ def _env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])}
 
 
+def _validation(cwd: Path) -> torch.Tensor:
+    """val_loss and val_acc of every epoch, from the run's metrics.csv."""
+    with open(cwd / "runs" / "resnet50-cifar10" / "version_0" / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val_loss")]
+    return torch.tensor([[float(row["val_loss"]), float(row["val_acc"])] for row in rows], dtype=torch.float64)
+
+
 def _seen(cwd: Path) -> dict[str, list[list[int]]]:
     """By epoch, the training examples each rank's batches held (tests/ddp_probes.SeenExamples)."""
     found = json.loads((cwd / "seen.json").read_text())
@@ -58,7 +66,7 @@ def test_cached_features_under_ddp_train_the_head_like_the_uncached_path(tmp_pat
         "--model.init_args.head.init_args.dropout=0.5",
     )  # fmt: skip
     log, cached, cwd = _fit(tmp_path, imagefolder_root, offline_env, "cached", *same, SEEN)
-    plain_log, plain, _ = _fit(
+    plain_log, plain, plain_cwd = _fit(
         tmp_path, imagefolder_root, offline_env, "plain", *same, "--finetuning.cache_features=false"
     )
     assert "Starting with 2 processes" in log or "distributed_backend=gloo" in log  # really two ranks
@@ -66,6 +74,10 @@ def test_cached_features_under_ddp_train_the_head_like_the_uncached_path(tmp_pat
     assert "not cached" not in log and "cached frozen features" not in plain_log
     for key in HEAD:
         torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-6)
+    # Validation is served from the cache too, dealt (unshuffled, padded) as Lightning deals it.
+    validation = _validation(cwd)
+    assert len(validation) == 3
+    torch.testing.assert_close(validation, _validation(plain_cwd), rtol=1e-5, atol=1e-6)
     seen = _seen(cwd)
     assert list(seen) == ["epoch0", "epoch1", "epoch2"]
     for epoch, ranks in seen.items():

@@ -184,3 +184,24 @@ def test_sigterm_while_rank_zero_waits_for_the_other_ranks_is_143_and_leaves_not
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.exit_code == EXIT_TERMINATED
     assert sorted(os.listdir(tmp_path)) == []  # no output, no parts
+
+
+@pytest.mark.parametrize(
+    ("marker", "error", "fragment"),
+    [
+        ('{"error": "DataError", "exit_code": 3, "message": "x.jpg is not an image."}', "DataError", "x.jpg is not"),
+        ('{"error": "Interrupted", "exit_code": 130, "message": "interrupted"}', "RankFailed", "interrupted"),
+        ('[[{"input": "a.jpg"}], [null]]\n', "ResourceError", "it could not write"),  # its part file, renamed
+    ],
+)
+def test_rank_zero_ends_with_the_error_a_failed_rank_left(tmp_path, marker, error, fragment):
+    from transfer_cli.callbacks.prediction_shards import PredictionShards
+
+    shards = PredictionShards(tmp_path, rank=0, world_size=2)
+    (tmp_path / "rank1.failed").write_text(marker)
+    with pytest.raises(Exception, match=f"Process 1 of 2 failed, so nothing was written: .*{fragment}") as failed:
+        polls = iter(range(20))  # then give up as SIGTERM would, rather than wait for ever
+        shards.wait_for_ranks(lambda: next(polls, None) is None)
+    assert type(failed.value).__name__ == error
+    assert failed.value.exit_code == {"DataError": 3, "RankFailed": 130, "ResourceError": 6}[error]
+    shards.remove()

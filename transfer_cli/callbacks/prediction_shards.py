@@ -104,6 +104,7 @@ class PredictionShards:
         marker: it removes the directory, which ends the other ranks' wait."""
         if self.rank == 0 or not self.directory.exists():
             return
+        error = errors.as_transfer_error(error) or error  # a full disk's OSError is a ResourceError (exit 6)
         code = error.exit_code if isinstance(error, TransferError) else 1
         record = json.dumps({"error": type(error).__name__, "exit_code": code, "message": str(error)})
         marker = self._failed(self.rank)
@@ -131,7 +132,9 @@ class PredictionShards:
                 continue
             try:
                 record = json.loads(marker.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # its part file, renamed: it could not write more
+            except (OSError, ValueError):
+                record = None
+            if not isinstance(record, dict):  # its part file, renamed: it could not write more
                 record = {"error": "ResourceError", "exit_code": EXIT_RESOURCE, "message": "it could not write."}
             message = f"Process {rank} of {self.world_size} failed, so nothing was written: {record['message']}"
             kind = getattr(errors, record["error"], None)
