@@ -43,3 +43,28 @@ class ReplicaChecksums(Callback):
             parameters = [name for name, _ in pl_module.backbone.named_parameters()]
             found = {"ranks": ranks, "backbone": self.backbone, "backbone_parameters": parameters}
             Path("replicas.json").write_text(json.dumps(found))
+
+
+class SeenExamples(Callback):
+    """Writes seen.json on rank 0: by epoch, by rank, the examples each training batch held, as
+    indices into the cached training features (so it needs the frozen-feature cache)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[int]] = {}
+        self._index: dict[bytes, int] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        features = trainer.train_dataloader.features  # a FeatureBatches: the run's cached features
+        self._index = {row.numpy().tobytes(): i for i, row in enumerate(features)}
+        assert len(self._index) == len(features), "two examples with the same features: indices would be ambiguous"
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        rows = batch["features"].cpu()
+        self.seen.setdefault(f"epoch{trainer.current_epoch}", []).extend(self._index[r.numpy().tobytes()] for r in rows)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ranks = [None] * dist.get_world_size() if dist.is_initialized() else [self.seen]
+        if dist.is_initialized():
+            dist.all_gather_object(ranks, self.seen)
+        if trainer.is_global_zero:
+            Path("seen.json").write_text(json.dumps({"world_size": trainer.world_size, "ranks": ranks}))

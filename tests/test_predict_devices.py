@@ -75,6 +75,23 @@ def test_sigterm_on_several_devices_leaves_no_output_and_no_parts(tmp_path, imag
     assert os.listdir(out.parent) == []
 
 
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_run_with_its_error_and_leaves_nothing(tmp_path, odd_folder, offline_env):
+    """Rank 1's disk fills up at its second batch: rank 0 sees its marker, removes the parts and ends with
+    rank 1's error (exit 6), where Lightning's launcher would otherwise SIGKILL it (exit 137, parts left)."""
+    out = tmp_path / "out" / "preds.jsonl"
+    tests = str(Path(__file__).parent)  # for predict_faults
+    env = {**offline_env, "PYTHONPATH": os.pathsep.join([tests, offline_env.get("PYTHONPATH", "")])}
+    result = run_transfer(
+        "predict", "--ckpt", CKPT, "--input", odd_folder, "--output", out, "--data.batch_size=4", *DDP,
+        "--trainer.callbacks+=predict_faults.FullDiskOnRank", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 6, result.stderr[-3000:]
+    assert "Process 1 of 2 failed, so nothing was written: Cannot write predictions to" in result.stderr
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(out.parent) == []  # neither the output nor the parts folder beside it
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
@@ -167,3 +184,24 @@ def test_sigterm_while_rank_zero_waits_for_the_other_ranks_is_143_and_leaves_not
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.exit_code == EXIT_TERMINATED
     assert sorted(os.listdir(tmp_path)) == []  # no output, no parts
+
+
+@pytest.mark.parametrize(
+    ("marker", "error", "fragment"),
+    [
+        ('{"error": "DataError", "exit_code": 3, "message": "x.jpg is not an image."}', "DataError", "x.jpg is not"),
+        ('{"error": "Interrupted", "exit_code": 130, "message": "interrupted"}', "RankFailed", "interrupted"),
+        ('[[{"input": "a.jpg"}], [null]]\n', "ResourceError", "it could not write"),  # its part file, renamed
+    ],
+)
+def test_rank_zero_ends_with_the_error_a_failed_rank_left(tmp_path, marker, error, fragment):
+    from transfer_cli.callbacks.prediction_shards import PredictionShards
+
+    shards = PredictionShards(tmp_path, rank=0, world_size=2)
+    (tmp_path / "rank1.failed").write_text(marker)
+    with pytest.raises(Exception, match=f"Process 1 of 2 failed, so nothing was written: .*{fragment}") as failed:
+        polls = iter(range(20))  # then give up as SIGTERM would, rather than wait for ever
+        shards.wait_for_ranks(lambda: next(polls, None) is None)
+    assert type(failed.value).__name__ == error
+    assert failed.value.exit_code == {"DataError": 3, "RankFailed": 130, "ResourceError": 6}[error]
+    shards.remove()

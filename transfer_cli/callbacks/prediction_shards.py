@@ -8,6 +8,10 @@ file, then reads the ranks' batches in turn, which is input order, one batch per
 Processes meet through files, not collectives: rank 0 must stay able to answer a SIGTERM (or notice
 Ctrl-C) while it waits, and Lightning's SIGTERM handler broadcasts to every rank, so the other ranks
 stay alive, waiting for rank 0 to remove the parts directory, until the output is complete.
+
+A rank that fails leaves a marker naming its error (`fail`) and stays alive until rank 0 has seen
+it, removed the parts and ended with that error: Lightning's launcher SIGKILLs rank 0 as soon as
+another rank ends with an error, which would leave the parts behind and the run exit 137.
 """
 
 import contextlib
@@ -22,9 +26,21 @@ from typing import Any, TextIO
 
 import lightning as L
 
-from transfer_cli.errors import EXIT_TERMINATED, Interrupted, ResourceError
+from transfer_cli import errors
+from transfer_cli.errors import EXIT_RESOURCE, EXIT_TERMINATED, Interrupted, ResourceError, TransferError
 
 POLL_S = 0.05
+# How long a failed rank outlives the parts directory, for rank 0 to end first (under torchrun its
+# parent is the agent, which stops it once rank 0 has ended).
+FAILED_GRACE_S = 60.0
+
+
+class RankFailed(TransferError):
+    """Another process of the prediction failed; its exit code (its error class's) becomes the run's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PredictionShards:
@@ -58,12 +74,15 @@ class PredictionShards:
     def _done(self, rank: int) -> Path:
         return self.directory / f"rank{rank}.jsonl"
 
+    def _failed(self, rank: int) -> Path:
+        return self.directory / f"rank{rank}.failed"
+
     def add(self, rows: list[dict[str, Any]], errors: list[str | None]) -> None:
         # ASCII: a file name that is not valid UTF-8 (surrogate escapes) survives the round trip.
         try:
             self._file.write(json.dumps([rows, errors], ensure_ascii=True) + "\n")
         except OSError as err:
-            raise ResourceError(f"Cannot write predictions to {self.directory}: {err.strerror}.") from err
+            self._raise_failed(ResourceError(f"Cannot write predictions to {self.directory}: {err.strerror}."), err)
 
     def finish(self) -> None:
         """This rank has predicted all its batches: its file takes its final name, which rank 0 waits for."""
@@ -73,11 +92,64 @@ class PredictionShards:
         except FileNotFoundError:
             pass  # rank 0 gave up and removed the directory; it reports why
         except OSError as err:
-            raise ResourceError(f"Cannot write predictions to {self.directory}: {err.strerror}.") from err
+            self._raise_failed(ResourceError(f"Cannot write predictions to {self.directory}: {err.strerror}."), err)
+
+    def _raise_failed(self, error: TransferError, cause: BaseException) -> None:
+        self.fail(error)
+        raise error from cause
+
+    def fail(self, error: BaseException) -> None:
+        """This rank cannot finish: tell rank 0, which gives up, removes the parts and ends with `error`'s
+        exit code, and return only once it has (or after FAILED_GRACE_S). Rank 0's own failure needs no
+        marker: it removes the directory, which ends the other ranks' wait."""
+        if self.rank == 0 or not self.directory.exists():
+            return
+        error = errors.as_transfer_error(error) or error  # a full disk's OSError is a ResourceError (exit 6)
+        code = error.exit_code if isinstance(error, TransferError) else 1
+        record = json.dumps({"error": type(error).__name__, "exit_code": code, "message": str(error)})
+        marker = self._failed(self.rank)
+        try:
+            staged = marker.with_suffix(".tmp")
+            staged.write_text(record, encoding="utf-8")
+            staged.rename(marker)  # rank 0 never reads half a record
+        except OSError:
+            # A full disk may not take even the record; a rename needs no space, and says enough.
+            with contextlib.suppress(OSError):
+                self._part(self.rank).rename(marker)
+        deadline = None
+        while os.getppid() == self._parent:
+            if deadline is None and not self.directory.exists():  # rank 0 has seen it and cleaned up
+                deadline = time.monotonic() + FAILED_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            time.sleep(POLL_S)
+
+    def _check_failed(self) -> None:
+        """Rank 0: raise the error of another rank that failed, if one did."""
+        for rank in range(1, self.world_size):
+            marker = self._failed(rank)
+            if not marker.is_file():
+                continue
+            try:
+                record = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = None
+            if not isinstance(record, dict):  # its part file, renamed: it could not write more
+                record = {"error": "ResourceError", "exit_code": EXIT_RESOURCE, "message": "it could not write."}
+            message = f"Process {rank} of {self.world_size} failed, so nothing was written: {record['message']}"
+            kind = getattr(errors, record["error"], None)
+            if isinstance(kind, type) and issubclass(kind, TransferError) and kind.exit_code == record["exit_code"]:
+                raise kind(message)  # the same class, and so the same exit code, as on that process
+            raise RankFailed(message, record["exit_code"])
 
     def wait_for_ranks(self, stopped: Callable[[], bool]) -> None:
-        """Rank 0: until every rank's file is complete."""
-        self._wait(lambda: all(self._done(r).is_file() for r in range(self.world_size)), stopped)
+        """Rank 0: until every rank's file is complete; the error of one that failed instead."""
+
+        def ready() -> bool:
+            self._check_failed()
+            return all(self._done(r).is_file() for r in range(self.world_size))
+
+        self._wait(ready, stopped)
 
     def wait_for_merge(self, stopped: Callable[[], bool]) -> None:
         """Other ranks: until rank 0 has written the output (or given up) and removed the directory."""

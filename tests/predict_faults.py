@@ -1,0 +1,34 @@
+"""Faults injected into one rank of a `transfer predict` on several processes, through
+--trainer.callbacks+=predict_faults.X (the tests put this folder on PYTHONPATH)."""
+
+import errno
+import os
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from transfer_cli.callbacks.prediction_writer import PredictionWriter
+
+
+class _FullDisk:
+    """Stands for a rank's part file on a disk that has just filled up."""
+
+    closed = False
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FullDiskOnRank(Callback):
+    """From its `batch`-th predict batch on, rank `rank` cannot write its predictions any more."""
+
+    def __init__(self, rank: int = 1, batch: int = 1):
+        self.rank, self.batch = rank, batch
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx, *args) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
+            writer._shards._file = _FullDisk()
