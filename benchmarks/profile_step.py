@@ -8,10 +8,10 @@ the same without the cache. The run is profiled after one unprofiled warm-up run
 allocations), and the table printed is the top of the profile, by own time (`tottime`) or including
 callees (`cumulative`). The plain loop's profile (`--plain`) is the floor to compare against.
 
-`--time N` profiles nothing: it runs the overhead case N times, the library and the plain loop
-interleaved, and prints their CPU milliseconds per step (CPU time of this process moves much less than
-wall time when other processes share the cores). Run it under two checkouts to compare them:
-`PYTHONPATH=/path/to/checkout python benchmarks/profile_step.py --time 5`.
+`--time N` profiles nothing: it runs the case N times, the library and the plain loop interleaved,
+and prints their CPU milliseconds per step (overhead) or CPU seconds per run (probes): CPU time of
+this process moves much less than wall time when other processes share the cores. Run it under two checkouts to compare them:
+`PYTHONPATH=/path/to/checkout python benchmarks/profile_step.py probe_cached --time 5`.
 """
 
 import argparse
@@ -51,26 +51,40 @@ def run(case: str, plain: bool) -> None:
         probe.tool_probe(spec, device, cache=cached)
 
 
-def time_overhead(repeats: int) -> None:
+def time_case(case: str, repeats: int) -> None:
     import statistics
 
     import images
     import overhead
+    import probe
     import torch
 
     import transfer_cli
 
-    spec = {**SIZES["cpu"]["overhead"], "model": "resnet50", "precision": "32-true"}
-    device, per_step = torch.device("cpu"), {"transfer": [], "plain": []}
+    device = torch.device("cpu")
+    if case == "overhead":
+        spec = {**SIZES["cpu"]["overhead"], "model": "resnet50", "precision": "32-true"}
+        unit, scale = "CPU ms/step", 1000 * spec["batch_size"]
+        sides = {
+            "transfer": lambda: scale / images.tool_train(spec, device, build=overhead._tool)["throughput_cpu"],
+            "plain": lambda: scale / images.plain_train(spec, device, build=overhead._plain)["throughput_cpu"],
+        }
+    else:
+        spec, cached = {**SIZES["cpu"]["probe"], "precision": "32-true"}, case == "probe_cached"
+        unit = "CPU s/run"
+        sides = {
+            "transfer": lambda: probe.tool_probe(spec, device, cache=cached)["seconds_cpu"],
+            "plain": lambda: probe.plain_probe(spec, device, cached=cached)["seconds_cpu"],
+        }
+    results: dict[str, list[float]] = {"transfer": [], "plain": []}
     for _ in range(repeats):
-        for name, train in (("transfer", images.tool_train), ("plain", images.plain_train)):
-            result = train(spec, device, build=overhead._tool if name == "transfer" else overhead._plain)
-            per_step[name].append(1000 * spec["batch_size"] / result["throughput_cpu"])
-    extra = [t - p for t, p in zip(per_step["transfer"], per_step["plain"], strict=True)]
-    print(f"transfer_cli from {Path(transfer_cli.__file__).parent}")
-    for name, values in {**per_step, "transfer - plain": extra}.items():
-        runs = " ".join(f"{v:.2f}" for v in values)
-        print(f"{name:>16}: median {statistics.median(values):.2f} CPU ms/step  (runs: {runs})")
+        for name, side in sides.items():
+            results[name].append(side())
+    extra = [t - p for t, p in zip(results["transfer"], results["plain"], strict=True)]
+    print(f"{case}: transfer_cli from {Path(transfer_cli.__file__).parent}")
+    for name, values in {**results, "transfer - plain": extra}.items():
+        runs = " ".join(f"{v:.3f}" for v in values)
+        print(f"{name:>16}: median {statistics.median(values):.3f} {unit}  (runs: {runs})")
 
 
 def main() -> None:
@@ -80,7 +94,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier numbers).")
-    parser.add_argument("--time", type=int, metavar="N", help="Time the overhead case N times instead.")
+    parser.add_argument("--time", type=int, metavar="N", help="Time the case N times instead.")
     parser.add_argument("--save", type=Path, help="Also write the raw profile here (for snakeviz and the like).")
     args = parser.parse_args()
     for message in WARNINGS_TO_SILENCE:
@@ -89,7 +103,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.time:
-        return time_overhead(args.time)
+        return time_case(args.case, args.time)
     run(args.case, args.plain)  # warm-up: imports, first allocations, lazy initialisation
     profiler = cProfile.Profile()
     profiler.enable()
