@@ -10,7 +10,8 @@ callees (`cumulative`). The plain loop's profile (`--plain`) is the floor to com
 
 `--time N` profiles nothing: it runs the case N times, the library and the plain loop interleaved,
 and prints their CPU milliseconds per step (overhead) or CPU seconds per run (probes): CPU time of
-this process moves much less than wall time when other processes share the cores. Run it under two checkouts to compare them:
+this process moves much less than wall time when other processes share the cores. Compare two
+checkouts by running it under each:
 `PYTHONPATH=/path/to/checkout python benchmarks/profile_step.py probe_cached --time 5`.
 """
 
