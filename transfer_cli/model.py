@@ -115,8 +115,10 @@ class TransferModel(L.LightningModule):
         tally.update(loss, logits, labels)
         if stage == "train":
             if self._step_loss_read():
-                # On the device; a CPU copy would cost a sync on every step that is logged.
-                self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=tally.last)
+                # A CPU copy: Lightning turns the progress-bar value it holds into a number after every
+                # step, logged or not, which for a value on the GPU is a wait for the GPU every step.
+                value = loss.detach().cpu()
+                self.log("train_loss_step", value, on_step=True, on_epoch=False, prog_bar=True, batch_size=tally.last)
             if self.trainer.is_last_batch:
                 # Here rather than in on_train_epoch_end, which runs after the callbacks reporting the epoch.
                 self._log_epoch("train")
