@@ -1,5 +1,6 @@
 """The one transfer model: an injected backbone, a head sized from it, and a classification loss."""
 
+import functools
 import math
 import sys
 import time
@@ -13,19 +14,19 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import DistributedSampler
-from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_cli.backbones.base import Backbone
+from transfer_cli.callbacks.progress import StepMetricsOnDemand
 from transfer_cli.errors import ConfigError
 from transfer_cli.heads import LinearHead
+from transfer_cli.lightning_private import logs_this_step
 from transfer_cli.optimizer_state import drop_former_parameters
 from transfer_cli.report.metrics import summarize
 from transfer_cli.report.states import EvaluationStates, Mistakes
 from transfer_cli.schedules import build, optimizers
 
 HeadFactory = Callable[[int, int], nn.Module]
-# What _step and _log_accuracy log, by the names Lightning gives them (train_loss is logged per step
-# and per epoch, hence its _step and _epoch variants).
+# What the model logs per epoch (train_loss_step, the loss of single steps, is not a figure to follow).
 MONITORABLE = ("val_loss", "val_acc", "train_loss_epoch", "train_acc")
 
 
@@ -83,10 +84,7 @@ class TransferModel(L.LightningModule):
         self.compile_modules = compile
         self._first_step_started: float | None = None  # set while the first (compiling) step runs
         num_classes = len(self.class_names)
-        # validate_args=False: the checks call torch.unique on the labels, a GPU sync every step.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.tallies = {stage: EpochTally() for stage in ("train", "val", "test")}
         # The full evaluation report, accumulated only by `transfer validate` and `transfer test`: the
         # validation inside fit logs the cheap scalars above and nothing else.
         self.report_states = EvaluationStates(num_classes)
@@ -99,10 +97,6 @@ class TransferModel(L.LightningModule):
             # In place (nn.Module.compile), so parameter names and checkpoints stay the same.
             self.backbone.compile()
             self.head.compile()
-
-    def on_train_start(self) -> None:
-        if self.compile_modules:
-            self._first_step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._first_step_started is not None:
@@ -117,25 +111,38 @@ class TransferModel(L.LightningModule):
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.head(self.backbone(inputs))
 
-    def _step(self, batch: dict[str, Any], stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         # Cached frozen features (see feature_cache.py) skip the backbone.
         logits = self.head(batch["features"]) if "features" in batch else self(batch["inputs"])
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        # Accumulated here, logged once per epoch: logging the metric object every step costs about a
-        # millisecond of host time per step in Lightning's bookkeeping.
-        accuracy.update(logits.detach(), labels)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=labels.shape[0],
-            sync_dist=not on_step,  # validation and test losses are averaged over all processes
-        )  # fmt: skip
-        if on_step and self.trainer.is_last_batch:
-            # Here rather than in on_train_epoch_end, which runs after the callbacks reporting the epoch.
-            self._log_accuracy("train", accuracy)
-        if not on_step and self._evaluating():
+        tally = self.tallies[stage]
+        tally.update(loss, logits, labels)
+        if stage == "train":
+            if self._step_loss_read():
+                # A CPU copy: Lightning turns the progress-bar value it holds into a number after every
+                # step, logged or not, which for a value on the GPU is a wait for the GPU every step.
+                value = loss.detach().cpu()
+                self.log("train_loss_step", value, on_step=True, on_epoch=False, prog_bar=True, batch_size=tally.last)
+            if self.trainer.is_last_batch:
+                # Here rather than in on_train_epoch_end, which runs after the callbacks reporting the epoch.
+                self._log_epoch("train")
+        elif self._evaluating():
             self._update_report(batch, logits.detach(), labels)
         return loss
+
+    def _step_loss_read(self) -> bool:
+        """Whether anything reads this step's loss: self.log costs about a millisecond of host time in
+        Lightning's bookkeeping, so the loss of a step nobody sees is only added to the epoch's tally."""
+        trainer = self.trainer
+        if trainer.is_last_batch or trainer.fast_dev_run or trainer.should_stop:
+            return True  # the epoch's progress line shows the last step's loss; a stop logs this step
+        if trainer.loggers and logs_this_step(trainer):
+            return True
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, StepMetricsOnDemand):
+            return bar.shows_step_metrics(trainer)
+        return bar is not None and bar.is_enabled  # another bar may show the metrics after every step
 
     # The evaluation report ---------------------------------------------------------------------
 
@@ -182,36 +189,65 @@ class TransferModel(L.LightningModule):
             errors = sorted(errors, key=lambda row: -row["score"])[: self.mistakes.keep]
         self.evaluation = {"metrics": figures, "errors": errors}
 
-    def _log_accuracy(self, stage: str, accuracy: MulticlassAccuracy) -> None:
-        if accuracy.update_count:  # compute() syncs the counts across processes under DDP
-            value = accuracy.compute()  # the same on every process, so sync_dist costs one reduce per epoch
-            self.log(f"{stage}_acc", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        accuracy.reset()
+    def _log_epoch(self, stage: str) -> None:
+        """Log the stage's epoch figures from its tally, once per epoch, and start a new tally.
+
+        Train loss is this process's mean, as Lightning's unsynchronised on_epoch mean was; accuracy, and
+        the validation and test loss, are over all processes (one all-reduce of the sums each).
+        """
+        tally = self.tallies[stage]
+        if not tally.count:
+            return
+        reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
+        correct, count = reduce(torch.stack([tally.correct, tally.count_tensor()])).unbind()
+        accuracy = correct.float() / count.float()  # as torchmetrics' micro accuracy divides
+        if stage == "train":
+            loss, synced = tally.loss_sum / tally.count_tensor(), False
+            # train_loss as well, kept for monitors that named the name Lightning added to callback_metrics.
+            self.log("train_loss", loss, on_step=False, on_epoch=True, logger=False, batch_size=1)
+        else:
+            loss, synced = reduce(tally.loss_sum) / count, True
+        # Already summed over processes: sync_dist=True only averages equal values (and keeps Lightning
+        # from warning that an epoch figure is not synchronised).
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        name = "train_loss_epoch" if stage == "train" else f"{stage}_loss"
+        self.log(name, loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=synced)
+        tally.reset()
+
+    def on_train_start(self) -> None:
+        self.tallies["train"].reset()  # a run resumed mid-epoch counts from here, as Lightning's logging does
+        if self.compile_modules:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")  # an epoch cut short (max_steps, limit) never saw its last batch
 
     def on_validation_epoch_start(self) -> None:
+        self.tallies["val"].reset()
         if self._evaluating():
             self._start_report(self.trainer.val_dataloaders)
 
     def on_test_epoch_start(self) -> None:
+        self.tallies["test"].reset()
         self._start_report(self.trainer.test_dataloaders)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_accuracy("val", self.val_acc)
+        self._log_epoch("val")
         if self._evaluating():
             self._finish_report()
 
     def on_test_epoch_end(self) -> None:
-        self._log_accuracy("test", self.test_acc)
+        self._log_epoch("test")
         self._finish_report()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)
+        return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
+        self._step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
+        self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"probs": self(batch["inputs"]).float().softmax(dim=-1)}
@@ -230,3 +266,34 @@ class TransferModel(L.LightningModule):
         return optimizers(
             optimizer, self.lr_scheduler_factory, self.trainer, self.lr_scheduler_monitor, self.lr_scheduler_interval
         )
+
+
+class EpochTally:
+    """An epoch's loss and right answers, summed on the device in a few tensor operations per step.
+
+    Logging the loss through self.log and updating a torchmetrics accuracy every step cost more host time
+    than the step of a small head. The sums give the figures those did: the loss mean as Lightning's
+    on_epoch mean computes it (loss times batch size, summed, over the count), accuracy as torchmetrics'
+    micro accuracy (argmax equal to the label, over the count).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum: Any = 0.0
+        self.correct: Any = 0
+        self.count = 0
+        self.last = 0  # the batch size of the latest step
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.last = labels.shape[0]
+        loss = loss.detach()
+        if loss.dtype not in (torch.float32, torch.float64):  # as Lightning stores a logged value
+            loss = loss.float()
+        self.loss_sum = self.loss_sum + loss * self.last
+        self.correct = self.correct + (logits.detach().argmax(dim=-1) == labels).sum()
+        self.count += self.last
+
+    def count_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.count, device=self.correct.device)

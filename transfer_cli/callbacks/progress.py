@@ -54,7 +54,18 @@ class TerminalProgressBar(RichProgressBarHooks):
             stop_redirecting_io(self.progress.live)
 
 
-class LineProgressBar(ProgressBar):
+class StepMetricsOnDemand:
+    """A progress bar that knows, before a training step runs, whether it will show that step's metrics.
+
+    The model logs a step's loss only when something reads it (see TransferModel._step_loss_read); a bar
+    that is not one of these is taken to show the metrics after every step.
+    """
+
+    def shows_step_metrics(self, trainer: L.Trainer) -> bool:
+        raise NotImplementedError
+
+
+class LineProgressBar(StepMetricsOnDemand, ProgressBar):
     """At most one line every `interval_s` seconds, and one at the end of each epoch, for logs that are files."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S):
@@ -63,6 +74,10 @@ class LineProgressBar(ProgressBar):
         self._enabled = True
         self._last = time.monotonic()
         self._epoch_start: float | None = None
+        self._line_due = False  # whether the running training step ends with a line
+
+    def shows_step_metrics(self, trainer: L.Trainer) -> bool:
+        return self._enabled and self._line_due
 
     def disable(self) -> None:
         self._enabled = False
@@ -95,8 +110,12 @@ class LineProgressBar(ProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.monotonic()
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        # Decided before the step, so that the model logs the loss of the steps that get a line.
+        self._line_due = self._due()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self._due():
+        if self._line_due:
             position = _position(batch_idx, self.total_train_batches)
             self._print(f"epoch {trainer.current_epoch} {position} {self._metrics(trainer)}".rstrip())
 
