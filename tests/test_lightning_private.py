@@ -27,6 +27,7 @@ from transfer_cli.checkpoint import install_safe_loaders
 from transfer_cli.lightning_private import (
     LightningCLIBase,
     ModelCheckpointHooks,
+    deals_distributed_samplers,
     logging_step,
     logs_this_step,
     stream_predictions,
@@ -116,6 +117,16 @@ def test_trainer_logger_connector_says_when_logged_metrics_are_written_at_the_st
     trainer.fit(BoringModel())
     assert [step for _, step in seen] == [0, 1, 2, 3]
     assert [logs for logs, _ in seen] == [False, True, False, True]  # steps 2 and 4 of log_every_n_steps=2
+
+
+def test_trainer_deals_dataloaders_a_distributed_sampler_under_a_distributed_strategy_even_on_one_device(tmp_path):
+    loader = DataLoader(range(8), batch_size=2, shuffle=True)
+    ddp = _trainer(tmp_path, strategy="ddp", devices=1)
+    assert deals_distributed_samplers(ddp) and ddp._data_connector._requires_distributed_sampler(loader)
+    off = _trainer(tmp_path, strategy="ddp", devices=1, use_distributed_sampler=False)
+    assert not deals_distributed_samplers(off) and not off._data_connector._requires_distributed_sampler(loader)
+    single = _trainer(tmp_path, devices=1)
+    assert not deals_distributed_samplers(single) and not single._data_connector._requires_distributed_sampler(loader)
 
 
 def test_model_checkpoint_monitor_candidates_hold_the_epoch_and_step(tmp_path):

@@ -29,6 +29,8 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from transfer_cli.lightning_private import deals_distributed_samplers
+
 # Rows all-gathered per round are capped so that the receiving buffers (on the device under NCCL) stay
 # this small, whatever the split's size.
 GATHER_BYTES = 64 * 2**20
@@ -62,14 +64,10 @@ def replay_problem(trainer: L.Trainer, like: DataLoader) -> str | None:
 
 
 def _lightning_deals(trainer: L.Trainer, loader: DataLoader) -> bool:
-    """Whether Lightning gives `loader` a DistributedSampler of its own (its data connector's
-    `_requires_distributed_sampler`): a distributed strategy, even on one device, unless the loader
-    brings one or Trainer(use_distributed_sampler=False). Lightning does that only to torch
-    DataLoaders, so the cached batches must deal themselves. That flag lives on the private
-    accelerator connector alone."""
-    connector = trainer._accelerator_connector
-    dealt = connector.use_distributed_sampler and connector.is_distributed
-    return dealt and not isinstance(loader.sampler, DistributedSampler)
+    """Whether Lightning gives `loader` a DistributedSampler of its own: a distributed strategy, even on
+    one device, unless the loader brings one or Trainer(use_distributed_sampler=False). Lightning does
+    that only to torch DataLoaders, so the cached batches must deal themselves."""
+    return deals_distributed_samplers(trainer) and not isinstance(loader.sampler, DistributedSampler)
 
 
 def _plain(loader: DataLoader) -> bool:

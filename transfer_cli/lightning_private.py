@@ -190,6 +190,18 @@ def logs_this_step(trainer: L.Trainer) -> bool:
     return trainer._logger_connector.should_update_logs
 
 
+def deals_distributed_samplers(trainer: L.Trainer) -> bool:
+    """Whether Lightning replaces the sampler of the torch DataLoaders it is given with a DistributedSampler.
+
+    Depends on: the data connector's `_requires_distributed_sampler` reads the private accelerator
+    connector's `use_distributed_sampler` (Trainer(use_distributed_sampler=...)) and `is_distributed`
+    (any distributed strategy, even on one device); it does so only for torch DataLoaders, and not for
+    a loader whose sampler is already a DistributedSampler.
+    """
+    connector = trainer._accelerator_connector
+    return bool(connector.use_distributed_sampler and connector.is_distributed)
+
+
 def logging_step(trainer: L.Trainer) -> int:
     """The step Lightning's loggers index metrics by (optimizer steps taken, unlike `global_step` with
     several optimizers). Depends on: `trainer.fit_loop.epoch_loop._batches_that_stepped`."""
