@@ -93,3 +93,36 @@ def test_the_cpu_decodes_on_threads_unless_worker_processes_are_asked_for(folder
     # An accelerator computes while worker processes decode ahead.
     gpu = _loader(folder, None, "cuda")
     assert not isinstance(gpu.dataset, ThreadDecodedFiles) and gpu.num_workers >= 1
+
+
+def test_the_console_script_runs_atexit_handlers_flushes_then_exits_without_teardown(monkeypatch):
+    import atexit
+    import os
+
+    from transfer_cli import entry
+
+    events = []
+
+    class Stream(io.StringIO):
+        def flush(self):
+            events.append("flush")
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:
+        events.append(("exit", code))
+        raise Exited
+
+    monkeypatch.setattr(entry, "_run_verb", lambda args, debug: 3)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: events.append("atexit"))
+    monkeypatch.setattr(os, "_exit", exit_now)
+    monkeypatch.setattr(sys, "stdout", Stream())
+    monkeypatch.setattr(sys, "stderr", Stream())
+    monkeypatch.setattr(sys, "argv", ["transfer", "predict", "--ckpt", "m.ckpt", "--input", "x.jpg"])
+    with pytest.raises(Exited):
+        main()
+    assert events == ["atexit", "flush", "flush", ("exit", 3)]
+    # Called from Python with its arguments, main returns: the caller's process goes on.
+    events.clear()
+    assert main(["predict", "--ckpt", "m.ckpt", "--input", "x.jpg"]) == 3 and events == []

@@ -41,10 +41,10 @@ class ThreadDecodedFiles(Dataset):
     """Files to predict on, decoded in the main process a batch at a time, on a pool of threads.
 
     For a model on the CPU: its own threads already use every core, so loader worker processes only
-    take cores from it while they decode ahead, and each costs a fork and a shared-memory hand-over
-    per batch (measured: about a third more time to all rows of 1,000 small images, see
-    benchmarks/startup.py). Here a batch is decoded while the model waits, as a plain script does,
-    spread over `threads` threads (PIL and torch release the GIL while decoding and resizing).
+    take cores from it while they decode ahead (and a core taken from one of its threads stalls the
+    others at every layer), besides a fork each and a shared-memory hand-over per batch. Here a batch
+    is decoded while the model waits, as a plain script does, spread over `threads` threads (PIL and
+    torch release the GIL while decoding and resizing), and nothing is started before the first batch.
     """
 
     def __init__(self, paths: list[Path], preprocessing: ImagePreprocessing, threads: int):
