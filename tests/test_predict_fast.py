@@ -126,3 +126,17 @@ def test_the_console_script_runs_atexit_handlers_flushes_then_exits_without_tear
     # Called from Python with its arguments, main returns: the caller's process goes on.
     events.clear()
     assert main(["predict", "--ckpt", "m.ckpt", "--input", "x.jpg"]) == 3 and events == []
+
+
+def test_decoding_on_threads_draws_no_advice_to_start_more_workers(folder, capsys, monkeypatch):
+    import warnings
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    # Lightning advises more workers where it counts more than two cores; this machine may have fewer.
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda devices: 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, rows = _predict(capsys, monkeypatch, True, "--input", str(folder), "--skip_bad_inputs=true")
+    assert code == 0 and len(rows.splitlines()) == 21
+    assert not [w for w in caught if "does not have many workers" in str(w.message)]
