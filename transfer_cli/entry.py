@@ -177,9 +177,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if is_plain_help(args):
             return cached_help(args, lambda: _run_verb(args, debug))
-        return _run_verb(args, debug)
+        code = _run_verb(args, debug)
     finally:
         _leave_process_group()
+    if argv is None and args[0] == "predict":  # the console script, not a caller in this process
+        _exit_skipping_teardown(code)
+    return code
+
+
+def _exit_skipping_teardown(code: int) -> None:
+    """End the process now, with `code`, once the atexit handlers have run and stdout and stderr are flushed.
+
+    Python would then free every module and object one by one: with torch and Lightning loaded that is
+    over a second after the last row is out (`python -c "import torch, torchvision, lightning"` ends
+    about 20 times sooner this way), a second every `transfer predict` in a script waits for. What it
+    would free goes with the process anyway; what must happen at exit (logs flushed, temporaries
+    removed, child processes ended) is done by the atexit handlers, which still run.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone away, a stream already closed
+            stream.flush()
+    os._exit(code)
 
 
 def _leave_process_group() -> None:

@@ -37,6 +37,35 @@ class ImageFiles(Dataset):
         return {"inputs": image, "labels": self.labels[index], "ids": str(self.paths[index])}
 
 
+class ThreadDecodedFiles(Dataset):
+    """Files to predict on, decoded in the main process a batch at a time, on a pool of threads.
+
+    For a model on the CPU: its own threads already use every core, so loader worker processes only
+    take cores from it while they decode ahead (and a core taken from one of its threads stalls the
+    others at every layer), besides a fork each and a shared-memory hand-over per batch. Here a batch
+    is decoded while the model waits, as a plain script does, spread over `threads` threads (PIL and
+    torch release the GIL while decoding and resizing), and nothing is started before the first batch.
+    """
+
+    def __init__(self, paths: list[Path], preprocessing: ImagePreprocessing, threads: int):
+        self.paths, self.preprocessing, self.threads = paths, preprocessing, threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return predict_item(self.paths[index], self.preprocessing)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        # The DataLoader (num_workers=0) asks for a whole batch at once when a dataset has this method.
+        if self.threads <= 1 or len(indices) == 1:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="transfer-decode")
+        return list(self._pool.map(self.__getitem__, indices))
+
+
 def predict_item(path: Path, preprocessing: ImagePreprocessing) -> dict[str, Any]:
     """One input to predict on. An unreadable file becomes a blank image and its error, so the writer
     (in the main process, in input order) decides between an error row and stopping after the rows
@@ -104,6 +133,8 @@ class ImageDataModule(TransferDataModule):
         predict_input: str | None,
     ):
         super().__init__(batch_size, default_workers() if num_workers is None else num_workers, predict_input)
+        # Worker processes as asked; left to us, predicting on the CPU decodes on threads instead.
+        self.workers_given = num_workers is not None
         self.augment = augment
         self.preprocessing: ImagePreprocessing | None = None
         self._transform: BatchImageTransform | None = None
@@ -164,10 +195,22 @@ class ImageDataModule(TransferDataModule):
         if self.predict_input == "-":
             stream = StdinImages(self.preprocessing, self.batch_size, self.num_workers, self._sigterm_received)
             return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
-        files = ImageFiles(list_image_inputs(self.predict_input), self.preprocessing)
+        paths = list_image_inputs(self.predict_input)
         rank, world_size = predict_rank(self.trainer)
+        if self._decode_in_process():
+            files = ThreadDecodedFiles(paths, self.preprocessing, self.num_workers)
+        else:
+            files = ImageFiles(paths, self.preprocessing)
         shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
+        if isinstance(files, ThreadDecodedFiles):
+            return DataLoader(files, batch_size=self.batch_size, sampler=shard, collate_fn=collate_predict)
         return self._loader(files, shuffle=False, collate_fn=collate_predict, sampler=shard)
+
+    def _decode_in_process(self) -> bool:
+        """Threads in this process rather than worker processes: for a model on the CPU, unless the
+        user asked for worker processes (an accelerator computes while the workers decode ahead)."""
+        on_cpu = self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
+        return on_cpu and not self.workers_given
 
     def _sigterm_received(self) -> bool:
         return self.trainer is not None and self.trainer.received_sigterm
