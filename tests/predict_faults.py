@@ -32,3 +32,14 @@ class FullDiskOnRank(Callback):
         if trainer.global_rank == self.rank and batch_idx == self.batch:
             writer = next(c for c in trainer.callbacks if isinstance(c, PredictionWriter))
             writer._shards._file = _FullDisk()
+
+
+class CrashOnRank(Callback):
+    """Rank `rank` fails at its `batch`-th predict batch with an error of its own (not a write)."""
+
+    def __init__(self, rank: int = 1, batch: int = 1):
+        self.rank, self.batch = rank, batch
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx, *args) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch:
+            raise RuntimeError(f"injected failure on rank {self.rank}")

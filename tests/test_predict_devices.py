@@ -76,19 +76,29 @@ def test_sigterm_on_several_devices_leaves_no_output_and_no_parts(tmp_path, imag
 
 
 @pytest.mark.slow
-def test_a_rank_that_fails_ends_the_run_with_its_error_and_leaves_nothing(tmp_path, odd_folder, offline_env):
-    """Rank 1's disk fills up at its second batch: rank 0 sees its marker, removes the parts and ends with
-    rank 1's error (exit 6), where Lightning's launcher would otherwise SIGKILL it (exit 137, parts left)."""
+@pytest.mark.parametrize(
+    ("fault", "code", "says"),
+    [
+        ("FullDiskOnRank", 6, ("Cannot write predictions to", "No space left on device")),
+        ("CrashOnRank", 1, ("injected failure on rank 1",)),
+    ],
+)
+def test_a_rank_that_fails_ends_the_run_with_its_error_and_leaves_nothing(
+    tmp_path, odd_folder, offline_env, fault, code, says
+):
+    """Rank 1's disk fills up at its second batch, or rank 1 fails there with an error of its own: rank 0
+    sees its marker, removes the parts and ends with rank 1's error and exit code, where Lightning's
+    launcher would otherwise SIGKILL it (exit 137, parts left)."""
     out = tmp_path / "out" / "preds.jsonl"
     tests = str(Path(__file__).parent)  # for predict_faults
     env = {**offline_env, "PYTHONPATH": os.pathsep.join([tests, offline_env.get("PYTHONPATH", "")])}
     result = run_transfer(
         "predict", "--ckpt", CKPT, "--input", odd_folder, "--output", out, "--data.batch_size=4", *DDP,
-        "--trainer.callbacks+=predict_faults.FullDiskOnRank", cwd=tmp_path, env=env,
+        f"--trainer.callbacks+=predict_faults.{fault}", cwd=tmp_path, env=env,
     )  # fmt: skip
-    assert result.returncode == 6, result.stderr[-3000:]
-    assert "Process 1 of 2 failed, so nothing was written: Cannot write predictions to" in result.stderr
-    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Process 1 of 2 failed, so nothing was written: " in result.stderr
+    assert all(fragment in result.stderr for fragment in says), result.stderr[-3000:]
     assert os.listdir(out.parent) == []  # neither the output nor the parts folder beside it
 
 

@@ -183,6 +183,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._discard()
         if self._shards is not None:
+            # Any failure of a rank other than 0 (a bad batch, out of memory): rank 0 hears of it and ends
+            # with its error, instead of waiting until the launcher kills it with the parts left.
+            self._shards.fail(exception)
             self._shards.remove()
             self._shards = None
 
