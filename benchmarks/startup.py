@@ -77,21 +77,23 @@ def _write_pngs(folder: Path, count: int, size: int, seed: int) -> None:
 def _train_checkpoint(root: Path, spec: dict[str, Any], accelerator: str) -> Path:
     for name in ("cat", "dog"):
         _write_pngs(root / "data" / "train" / name, 16, spec["source_size"], seed=len(name))
+    backbone = {
+        "class_path": "transfer_cli.backbones.TorchvisionBackbone",
+        "init_args": {"name": spec["model"], "weights": None, "image_size": spec["image_size"]},
+    }
+    data = {
+        "class_path": "transfer_cli.data.ImageFolderDataModule",
+        "init_args": {"root": str(root / "data"), "batch_size": spec["batch_size"]},
+    }
+    return fit_checkpoint(root, backbone, data, accelerator)
+
+
+def fit_checkpoint(root: Path, backbone: dict[str, Any], data: dict[str, Any], accelerator: str) -> Path:
+    """A checkpoint from two training steps of `transfer fit` (not timed), written under `root`."""
     config = {
         "seed_everything": 0,
-        "model": {
-            "class_path": "transfer_cli.model.TransferModel",
-            "init_args": {
-                "backbone": {
-                    "class_path": "transfer_cli.backbones.TorchvisionBackbone",
-                    "init_args": {"name": spec["model"], "weights": None, "image_size": spec["image_size"]},
-                }
-            },
-        },
-        "data": {
-            "class_path": "transfer_cli.data.ImageFolderDataModule",
-            "init_args": {"root": str(root / "data"), "batch_size": spec["batch_size"]},
-        },
+        "model": {"class_path": "transfer_cli.model.TransferModel", "init_args": {"backbone": backbone}},
+        "data": data,
         "trainer": {
             "max_epochs": 1,
             "limit_train_batches": 2,
@@ -150,22 +152,27 @@ def first_row_case(spec: dict[str, Any], device: str) -> dict[str, Any]:
             tool = [*transfer_command(), "predict", "--ckpt", str(checkpoint), "--input", str(inputs)]
             tool += ["--trainer.accelerator", accelerator]
             plain = [sys.executable, str(HERE / "plain_predict.py"), str(checkpoint), str(inputs), "--device", device]
-            runs: dict[str, list[dict[str, float]]] = {"transfer": [], "plain": []}
-            for _ in range(spec["repeats"]):
-                runs["transfer"].append(_time_rows(tool, count))
-                runs["plain"].append(_time_rows(plain, count))
-            sides = {}
-            for name, side_runs in runs.items():
-                sides[name] = {k: statistics.median(run[k] for run in side_runs) for k in ("first_row_s", "total_s")}
-                sides[name]["first_row_s_runs"] = [run["first_row_s"] for run in side_runs]
-            counts[str(count)] = {
-                "sides": sides,
-                "ratio": sides["transfer"]["first_row_s"] / sides["plain"]["first_row_s"],
-                "total_ratio": sides["transfer"]["total_s"] / sides["plain"]["total_s"],
-            }
+            counts[str(count)] = compare_rows(tool, plain, count, spec["repeats"])
         memory = _predict_memory(root, checkpoint, spec["memory_inputs"], accelerator)
     first = counts[str(spec["counts"][0])]
     return {"unit": "s", "counts": counts, "sides": first["sides"], "ratio": first["ratio"], "memory": memory}
+
+
+def compare_rows(tool: list[str], plain: list[str], count: int, repeats: int) -> dict[str, Any]:
+    """Both commands `repeats` times, interleaved: medians of the seconds to the first and to the last row."""
+    runs: dict[str, list[dict[str, float]]] = {"transfer": [], "plain": []}
+    for _ in range(repeats):
+        runs["transfer"].append(_time_rows(tool, count))
+        runs["plain"].append(_time_rows(plain, count))
+    sides = {}
+    for name, side_runs in runs.items():
+        sides[name] = {k: statistics.median(run[k] for run in side_runs) for k in ("first_row_s", "total_s")}
+        sides[name]["first_row_s_runs"] = [run["first_row_s"] for run in side_runs]
+    return {
+        "sides": sides,
+        "ratio": sides["transfer"]["first_row_s"] / sides["plain"]["first_row_s"],
+        "total_ratio": sides["transfer"]["total_s"] / sides["plain"]["total_s"],
+    }
 
 
 def _predict_memory(root: Path, checkpoint: Path, inputs: int, accelerator: str) -> dict[str, Any]:

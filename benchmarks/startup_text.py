@@ -9,15 +9,12 @@ checkpoint and the same JSONL rows, each as a fresh process, interleaved, median
 import importlib.util
 import json
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-from startup import HERE, _time_rows, offline_env, transfer_command
+from startup import HERE, compare_rows, fit_checkpoint, transfer_command
 
 WORDS = [
     *("the", "a", "cat", "dog", "sat", "on", "mat", "river", "bank", "money", "flows", "quickly", "slowly"),
@@ -43,41 +40,12 @@ def _write_rows(path: Path, count: int, seed: int) -> None:
 def _train_checkpoint(root: Path, spec: dict[str, Any], model: Path, accelerator: str) -> Path:
     (root / "data").mkdir(parents=True)
     _write_rows(root / "data" / "train.jsonl", 64, seed=1)
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "class_path": "transfer_cli.model.TransferModel",
-            "init_args": {
-                "backbone": {
-                    "class_path": "transfer_cli.backbones.HuggingFaceBackbone",
-                    "init_args": {"model": str(model)},
-                }
-            },
-        },
-        "data": {
-            "class_path": "transfer_cli.data.TextClassificationDataModule",
-            "init_args": {"root": str(root / "data"), "batch_size": spec["batch_size"], "max_length": 128},
-        },
-        "trainer": {
-            "max_epochs": 1,
-            "limit_train_batches": 2,
-            "limit_val_batches": 1,
-            "accelerator": accelerator,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(root / "runs"), "name": "bench"},
-            },
-        },
+    backbone = {"class_path": "transfer_cli.backbones.HuggingFaceBackbone", "init_args": {"model": str(model)}}
+    data = {
+        "class_path": "transfer_cli.data.TextClassificationDataModule",
+        "init_args": {"root": str(root / "data"), "batch_size": spec["batch_size"], "max_length": 128},
     }
-    config_path = root / "fit.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    done = subprocess.run(
-        [*transfer_command(), "fit", "--config", str(config_path)], capture_output=True, text=True, env=offline_env()
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"transfer fit failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return sorted((root / "runs").glob("bench/version_*/checkpoints/last*.ckpt"))[-1]
+    return fit_checkpoint(root, backbone, data, accelerator)
 
 
 def text_first_row_case(spec: dict[str, Any], device: str) -> dict[str, Any]:
@@ -96,19 +64,7 @@ def text_first_row_case(spec: dict[str, Any], device: str) -> dict[str, Any]:
             tool += ["--trainer.accelerator", accelerator]
             plain = [sys.executable, str(HERE / "plain_predict_text.py"), str(checkpoint), str(rows)]
             plain += ["--device", device]
-            runs: dict[str, list[dict[str, float]]] = {"transfer": [], "plain": []}
-            for _ in range(spec["repeats"]):
-                runs["transfer"].append(_time_rows(tool, count))
-                runs["plain"].append(_time_rows(plain, count))
-            sides = {}
-            for name, side_runs in runs.items():
-                sides[name] = {k: statistics.median(run[k] for run in side_runs) for k in ("first_row_s", "total_s")}
-                sides[name]["first_row_s_runs"] = [run["first_row_s"] for run in side_runs]
-            counts[str(count)] = {
-                "sides": sides,
-                "ratio": sides["transfer"]["first_row_s"] / sides["plain"]["first_row_s"],
-                "total_ratio": sides["transfer"]["total_s"] / sides["plain"]["total_s"],
-            }
+            counts[str(count)] = compare_rows(tool, plain, count, spec["repeats"])
     first = counts[str(spec["counts"][0])]
     return {"unit": "s", "counts": counts, "sides": first["sides"], "ratio": first["ratio"]}
 
