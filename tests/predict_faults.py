@@ -43,3 +43,19 @@ class CrashOnRank(Callback):
     def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx, *args) -> None:
         if trainer.global_rank == self.rank and batch_idx == self.batch:
             raise RuntimeError(f"injected failure on rank {self.rank}")
+
+
+class OomMovingModelOnRank(Callback):
+    """Rank `rank` runs out of memory moving the model to its device (Strategy.setup: after the writer
+    opened its parts, before Lightning's barriers ahead of the predict loop), as on a GPU another job holds."""
+
+    def __init__(self, rank: int = 1):
+        self.rank = rank
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank == self.rank:
+
+            def out_of_memory(*args, **kwargs):
+                raise RuntimeError(f"CUDA out of memory (injected on rank {self.rank})")
+
+            trainer.strategy.model_to_device = out_of_memory

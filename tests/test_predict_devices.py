@@ -81,6 +81,9 @@ def test_sigterm_on_several_devices_leaves_no_output_and_no_parts(tmp_path, imag
     [
         ("FullDiskOnRank", 6, ("Cannot write predictions to", "No space left on device")),
         ("CrashOnRank", 1, ("injected failure on rank 1",)),
+        # Before the predict loop rank 0 sits in Lightning's barriers, reading no marker: the run must still
+        # end (the process group notices rank 1 is gone), not hang with both ranks waiting.
+        ("OomMovingModelOnRank", None, ("CUDA out of memory (injected on rank 1)",)),
     ],
 )
 def test_a_rank_that_fails_ends_the_run_with_its_error_and_leaves_nothing(
@@ -94,10 +97,13 @@ def test_a_rank_that_fails_ends_the_run_with_its_error_and_leaves_nothing(
     env = {**offline_env, "PYTHONPATH": os.pathsep.join([tests, offline_env.get("PYTHONPATH", "")])}
     result = run_transfer(
         "predict", "--ckpt", CKPT, "--input", odd_folder, "--output", out, "--data.batch_size=4", *DDP,
-        f"--trainer.callbacks+=predict_faults.{fault}", cwd=tmp_path, env=env,
+        f"--trainer.callbacks+=predict_faults.{fault}", cwd=tmp_path, env=env, timeout=240,
     )  # fmt: skip
-    assert result.returncode == code, result.stderr[-3000:]
-    assert "Process 1 of 2 failed, so nothing was written: " in result.stderr
+    if code is None:
+        assert result.returncode not in (0, 137, -9), result.stderr[-3000:]
+    else:
+        assert result.returncode == code, result.stderr[-3000:]
+        assert "Process 1 of 2 failed, so nothing was written: " in result.stderr
     assert all(fragment in result.stderr for fragment in says), result.stderr[-3000:]
     assert os.listdir(out.parent) == []  # neither the output nor the parts folder beside it
 

@@ -175,3 +175,14 @@ def test_nonfinite_guard_stops_at_the_step_whose_loss_is_nan():
     # The 4th training forward (step 3, 0-based) gives NaN features, so a NaN loss.
     with pytest.raises(NonFiniteLossError, match="became nan at step 3 "):
         _fit(TransferModel, callbacks=[NonFiniteLossGuard()], nan_at_call=4)
+
+
+def test_an_epoch_cut_short_by_max_steps_still_logs_its_epoch_figures():
+    logger = RecordingLogger()
+    _fit(TransferModel, logger=logger, log_every_n_steps=1, max_steps=7)  # 5 steps an epoch: the 2nd is cut at 2
+    steps = [value for _, value in logger.series("train_loss_step")]
+    epochs = [value for _, value in logger.series("train_loss_epoch")]
+    assert len(steps) == 7 and len(epochs) == 2 and len(logger.series("train_acc")) == 2
+    # Batches of 5, 5, 5, 5 and 3 examples: the epoch loss is the mean over examples, as Lightning's was.
+    assert epochs[0] == pytest.approx(sum(v * n for v, n in zip(steps[:5], (5, 5, 5, 5, 3))) / 23, rel=1e-6)
+    assert epochs[1] == pytest.approx(sum(steps[5:]) / 2, rel=1e-6)

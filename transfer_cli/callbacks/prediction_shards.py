@@ -33,6 +33,9 @@ POLL_S = 0.05
 # How long a failed rank outlives the parts directory, for rank 0 to end first (under torchrun its
 # parent is the agent, which stops it once rank 0 has ended).
 FAILED_GRACE_S = 60.0
+# How long a failed rank waits at most for rank 0 to see its marker (rank 0 looks after every batch it
+# writes); past that it ends, as it would have without a marker.
+FAILED_WAIT_S = 600.0
 
 
 class RankFailed(TransferError):
@@ -100,8 +103,12 @@ class PredictionShards:
 
     def fail(self, error: BaseException) -> None:
         """This rank cannot finish: tell rank 0, which gives up, removes the parts and ends with `error`'s
-        exit code, and return only once it has (or after FAILED_GRACE_S). Rank 0's own failure needs no
-        marker: it removes the directory, which ends the other ranks' wait."""
+        exit code, and return once it has (then after FAILED_GRACE_S, or as soon as rank 0 has ended), or
+        after FAILED_WAIT_S, or at once if no marker could be left. Rank 0's own failure needs no marker:
+        it removes the directory, which ends the other ranks' wait.
+
+        Only for failures inside the predict loop: before it, rank 0 may be in one of Lightning's
+        barriers, where it reads no marker and would wait for this rank as this rank waits for it."""
         if self.rank == 0 or not self.directory.exists():
             return
         error = errors.as_transfer_error(error) or error  # a full disk's OSError is a ResourceError (exit 6)
@@ -114,18 +121,18 @@ class PredictionShards:
             staged.rename(marker)  # rank 0 never reads half a record
         except OSError:
             # A full disk may not take even the record; a rename needs no space, and says enough.
-            with contextlib.suppress(OSError):
+            try:
                 self._part(self.rank).rename(marker)
-        deadline = None
-        while os.getppid() == self._parent:
-            if deadline is None and not self.directory.exists():  # rank 0 has seen it and cleaned up
-                deadline = time.monotonic() + FAILED_GRACE_S
-            if deadline is not None and time.monotonic() > deadline:
-                return
+            except OSError:
+                return  # rank 0 cannot learn of it: nothing to wait for
+        deadline = time.monotonic() + FAILED_WAIT_S
+        while os.getppid() == self._parent and time.monotonic() < deadline:
+            if not self.directory.exists():  # rank 0 has seen it and cleaned up: give it time to end first
+                deadline = min(deadline, time.monotonic() + FAILED_GRACE_S)
             time.sleep(POLL_S)
 
-    def _check_failed(self) -> None:
-        """Rank 0: raise the error of another rank that failed, if one did."""
+    def check_failed(self) -> None:
+        """Rank 0: raise the error of another rank that failed, if one did (a stat per rank)."""
         for rank in range(1, self.world_size):
             marker = self._failed(rank)
             if not marker.is_file():
@@ -146,7 +153,7 @@ class PredictionShards:
         """Rank 0: until every rank's file is complete; the error of one that failed instead."""
 
         def ready() -> bool:
-            self._check_failed()
+            self.check_failed()
             return all(self._done(r).is_file() for r in range(self.world_size))
 
         self._wait(ready, stopped)

@@ -46,14 +46,17 @@ class PredictionWriter(BasePredictionWriter):
         self._columns: list[str] | None = None  # fixed by the first batch, so error rows fit the CSV header
         self._header_written = False
         self._shards: PredictionShards | None = None  # several processes: this rank's batches until the end
+        self._predicting = False  # past Lightning's last barrier before the predict loop (see PredictionShards.fail)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # setup and teardown run on every rank, also on one whose share of the input is empty (Lightning
         # then skips its predict loop and the on_predict_* hooks).
+        self._predicting = False
         if stage == "predict" and trainer.world_size > 1:
             self._shards = PredictionShards.open(trainer, self.output)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._predicting = True
         if self._shards is None:
             self._open()
 
@@ -77,6 +80,8 @@ class PredictionWriter(BasePredictionWriter):
         rows = self._rows(batch["ids"], prediction, pl_module)
         errors = batch.get("errors") or [None] * len(rows)
         if self._shards is not None:
+            if trainer.global_rank == 0:
+                self._shards.check_failed()  # another rank's failure ends the run now, not after rank 0's share
             self._shards.add(rows, errors)  # rank 0 decides about errors when it writes them out, in order
         else:
             self._emit(rows, errors)
@@ -183,9 +188,10 @@ class PredictionWriter(BasePredictionWriter):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._discard()
         if self._shards is not None:
-            # Any failure of a rank other than 0 (a bad batch, out of memory): rank 0 hears of it and ends
-            # with its error, instead of waiting until the launcher kills it with the parts left.
-            self._shards.fail(exception)
+            # Any failure of a rank other than 0 in the loop (a bad batch, out of memory): rank 0 hears of it
+            # and ends with its error, instead of waiting until the launcher kills it with the parts left.
+            if self._predicting:
+                self._shards.fail(exception)
             self._shards.remove()
             self._shards = None
 
