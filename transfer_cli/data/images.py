@@ -199,11 +199,10 @@ class ImageDataModule(TransferDataModule):
         rank, world_size = predict_rank(self.trainer)
         if self._decode_in_process():
             files = ThreadDecodedFiles(paths, self.preprocessing, self.num_workers)
-        else:
-            files = ImageFiles(paths, self.preprocessing)
-        shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
-        if isinstance(files, ThreadDecodedFiles):
+            shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
             return DataLoader(files, batch_size=self.batch_size, sampler=shard, collate_fn=collate_predict)
+        files = ImageFiles(paths, self.preprocessing)
+        shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
         return self._loader(files, shuffle=False, collate_fn=collate_predict, sampler=shard)
 
     def _decode_in_process(self) -> bool:
