@@ -11,9 +11,10 @@ from transfer_cli import help_cache
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-# Imported by torchmetrics' optional metrics or by other backbones' modules; an image checkpoint's
-# predict needs none of them (about 3 s of a 9 s start-up before, benchmarks/RESULTS.md).
-NOT_NEEDED_FOR_IMAGES = {"transformers", "timm", "matplotlib", "scipy.signal"}
+# Imported by torchmetrics' optional metrics or by other backbones' modules, and torch._dynamo by
+# Lightning and torchvision for names that only matter once something is compiled; an image
+# checkpoint's predict needs none of them (about 5 s of a 9 s start-up before, benchmarks/RESULTS.md).
+NOT_NEEDED_FOR_IMAGES = {"transformers", "timm", "matplotlib", "scipy.signal", "torch._dynamo"}
 
 PROBE = """
 import json, sys

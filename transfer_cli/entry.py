@@ -84,20 +84,24 @@ def _usage() -> str:
 
 
 def _dispatch(args: list[str]) -> int:
-    target = VERBS.get(args[0], (None, None))[1]
-    if args[0] not in WITHOUT_LIGHTNING:
-        from transfer_cli.lean_imports import torchmetrics_without_extras
-
-        torchmetrics_without_extras()  # before anything imports lightning: seconds off every verb's start
-    if target is None:
-        from transfer_cli.cli import run
-
-        run(args)
-        return 0
     import importlib
 
-    module, function = target.split(":")
-    return call_verb(args[0], getattr(importlib.import_module(module), function), args[1:])
+    target = VERBS.get(args[0], (None, None))[1]
+    module, function = target.split(":") if target else ("transfer_cli.cli", "run")
+    if args[0] in WITHOUT_LIGHTNING:
+        verb = getattr(importlib.import_module(module), function)
+    else:
+        from transfer_cli.deferred_dynamo import deferred
+        from transfer_cli.lean_imports import torchmetrics_without_extras
+
+        # Before anything imports lightning: seconds off every verb's start (see both modules).
+        with deferred():
+            torchmetrics_without_extras()
+            verb = getattr(importlib.import_module(module), function)
+    if target is None:
+        verb(args)
+        return 0
+    return call_verb(args[0], verb, args[1:])
 
 
 def call_verb(verb: str, function: Any, args: list[str]) -> int:
