@@ -52,10 +52,16 @@ def deferred() -> Iterator[None]:
     if DYNAMO in sys.modules or os.environ.get("TRANSFER_LEAN_IMPORTS", "1") == "0":
         yield
         return
-    import torch  # noqa: F401  (the parent package first, as an ordinary import loads it)
+    import torch  # the parent package first, as an ordinary import loads it
 
     dynamo, utils = _StandIn(DYNAMO), _StandIn(f"{DYNAMO}.utils")
-    dynamo.__path__ = []  # a package: `import torch._dynamo.X` reaches _RealOnDemand below
+    # Where the real ones live (found, not executed): find_spec, __file__ and __path__ answer as theirs.
+    spec = importlib.machinery.PathFinder.find_spec(DYNAMO, torch.__path__)
+    utils_spec = spec and importlib.machinery.PathFinder.find_spec(f"{DYNAMO}.utils", spec.submodule_search_locations)
+    for stand_in, real_spec in ((dynamo, spec), (utils, utils_spec)):
+        if real_spec is not None:
+            stand_in.__spec__, stand_in.__file__ = real_spec, real_spec.origin
+    dynamo.__path__ = list(spec.submodule_search_locations) if spec else []  # _RealOnDemand sees imports first
     dynamo.OptimizedModule = OptimizedModule
     dynamo.disable = disable
     utils.is_compile_supported = is_compile_supported
@@ -72,7 +78,7 @@ def deferred() -> Iterator[None]:
 
 
 def _remove_stand_ins() -> None:
-    for name, stand_in in _STANDS.items():
+    for name, stand_in in list(_STANDS.items()):
         if sys.modules.get(name) is stand_in:
             del sys.modules[name]
     _STANDS.clear()
@@ -96,9 +102,11 @@ class _RealOnDemand(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if not name.startswith(f"{DYNAMO}.") or name in _STANDS or not isinstance(sys.modules.get(DYNAMO), _StandIn):
             return None
-        module = _real(name)
+        parent = _real(DYNAMO)
+        if name not in sys.modules:  # not imported by the package itself: found (or not) the ordinary way
+            return importlib.machinery.PathFinder.find_spec(name, parent.__path__)
         # The import system is already past its sys.modules check: hand it the module just imported.
-        return importlib.util.spec_from_loader(name, _Imported(module))
+        return importlib.util.spec_from_loader(name, _Imported(sys.modules[name]))
 
 
 class _Imported(importlib.abc.Loader):
@@ -114,10 +122,8 @@ class _Imported(importlib.abc.Loader):
 
 
 def _real_optimized_module() -> type | None:
-    if not is_loaded():
-        return None
-    eval_frame = sys.modules.get(f"{DYNAMO}.eval_frame")
-    return getattr(eval_frame, "OptimizedModule", None)
+    # The name Lightning imports, wherever torch defines it.
+    return getattr(sys.modules[DYNAMO], "OptimizedModule", None) if is_loaded() else None
 
 
 class _AsksTheRealClass(type):
@@ -135,6 +141,9 @@ class OptimizedModule(metaclass=_AsksTheRealClass):
 
 
 def disable(fn: Any = None, recursive: bool = True, **options: Any) -> Any:
+    if isinstance(fn, (type, sys.modules["torch"].nn.Module)):
+        # torch._dynamo patches a class in place and wraps a module in an OptimizedModule: the real one.
+        return _real(DYNAMO).disable(fn, recursive, **options)
     if fn is None:
         return lambda function: disable(function, recursive, **options)
     real: list[Any] = []
@@ -147,6 +156,12 @@ def disable(fn: Any = None, recursive: bool = True, **options: Any) -> Any:
             real.append(sys.modules[DYNAMO].disable(fn, recursive, **options))
         return real[0](*args, **kwargs)
 
+    # What dynamo reads off a disabled function: it calls this one as it calls the real wrapper.
+    disabled_once_dynamo_is_loaded._torchdynamo_disable = True
+    disabled_once_dynamo_is_loaded._torchdynamo_disable_msg = options.get("reason")
+    disabled_once_dynamo_is_loaded._torchdynamo_disable_recursive = recursive
+    disabled_once_dynamo_is_loaded._torchdynamo_orig_callable = fn
+    disabled_once_dynamo_is_loaded._torchdynamo_wrapper_id = id(disabled_once_dynamo_is_loaded)
     return disabled_once_dynamo_is_loaded
 
 
