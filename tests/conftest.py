@@ -67,6 +67,11 @@ def offline_env(tmp_path, monkeypatch) -> dict[str, str]:
 # it starts get the default one and turn Ctrl-C into KeyboardInterrupt as in a terminal.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
+# The suite runs two test processes on two cores, and most tests start `transfer` processes of their
+# own: with torch's default of one thread per core, their OpenMP threads spin waiting for each other's
+# (the same tests took about 10% longer). Set OMP_NUM_THREADS to run them otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # `transfer VERB --help` keeps its text in a cache (transfer_cli.help_cache); the suite's goes to a
 # folder of its own, never the user's ~/.cache.
 os.environ.setdefault("TRANSFER_CACHE_DIR", tempfile.mkdtemp(prefix="transfer-test-cache-"))

@@ -418,7 +418,7 @@ def test_fit_test_predict_with_a_timm_file_through_the_shell(tmp_path, cifar_roo
     ckpt = next((tmp_path / "runs" / "resnet50-cifar10").glob("version_0/checkpoints/last.ckpt"))
     path.unlink()
 
-    test = run_transfer("test", "--ckpt", ckpt, cwd=tmp_path, env=env)
+    test = run_transfer("test", "--ckpt", ckpt, "--trainer.limit_test_batches=4", cwd=tmp_path, env=env)
     assert test.returncode == 0, test.stderr
     assert "test_acc" in test.stderr and test.stdout == ""
 
