@@ -6,8 +6,14 @@ import sys
 
 from conftest import REPO
 
-# A real-data test that needs nothing but the CIFAR-10 pickles.
-REAL_DATA_TEST = "tests/test_image_data.py::test_cifar_reads_the_original_layout_with_short_batches_and_no_filenames"
+# A real-data test that needs nothing but the CIFAR-10 pickles, in a module that imports neither torch nor
+# Lightning: the two pytest runs below then take seconds.
+REAL_DATA_TEST = "tests/test_test_data.py::test_the_cifar_pickles_are_where_the_suite_reads_them"
+
+
+def test_the_cifar_pickles_are_where_the_suite_reads_them(cifar_root):
+    found = {p.name for p in (cifar_root / "cifar-10-batches-py").iterdir()}
+    assert {"batches.meta", "data_batch_1", "test_batch"} <= found, sorted(found)
 
 
 def _pytest(tmp_path, ci: str | None) -> subprocess.CompletedProcess:
