@@ -30,7 +30,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import os
 import sys
 import types
 from collections.abc import Iterator
@@ -49,7 +48,9 @@ def is_loaded() -> bool:
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Imports inside the block see the stand-ins for torch._dynamo (see the module docstring)."""
-    if DYNAMO in sys.modules or os.environ.get("TRANSFER_LEAN_IMPORTS", "1") == "0":
+    from transfer_cli.lean_imports import enabled
+
+    if DYNAMO in sys.modules or not enabled():
         yield
         return
     import torch  # the parent package first, as an ordinary import loads it

@@ -28,9 +28,14 @@ HEAVY_EXTRAS = ("TRANSFORMERS", "TORCHVISION", "MATPLOTLIB", "SCIPY", "SCIPI")
 HEAVY_PACKAGES = ("scipy",)  # asked through lightning_utilities' package_available
 
 
+def enabled() -> bool:
+    """TRANSFER_LEAN_IMPORTS=0 turns off this module's trim and deferred_dynamo's stand-ins."""
+    return os.environ.get("TRANSFER_LEAN_IMPORTS", "1") != "0"
+
+
 def torchmetrics_without_extras() -> None:
     """Import torchmetrics (if nobody has yet) without importing its optional heavy packages."""
-    if "torchmetrics" in sys.modules or os.environ.get("TRANSFER_LEAN_IMPORTS", "1") == "0":
+    if "torchmetrics" in sys.modules or not enabled():
         return
     flags = _hold_flags()
     try:
