@@ -69,6 +69,11 @@ def worker(args: argparse.Namespace) -> None:
         warnings.filterwarnings("ignore", message=message)
     import torch
 
+    from transfer_cli.allocator import keep_freed_memory
+
+    # As the `transfer` process does for itself: in this worker both sides run under it, so the ratios
+    # compare the loops, not where glibc happened to put their memory.
+    malloc_tuned = keep_freed_memory()
     spec, device = json.loads(args.spec), torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +88,7 @@ def worker(args: argparse.Namespace) -> None:
     result = train_case(spec, device)
     result["torch_threads"] = torch.get_num_threads()
     result["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    result["malloc_tuned"] = malloc_tuned
     args.result.write_text(json.dumps(result))
 
 

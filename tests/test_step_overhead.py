@@ -6,6 +6,7 @@ the model used to (self.log of the loss every step with on_step and on_epoch, a 
 runs beside it: every figure that reaches the logger must be the same.
 """
 
+import os
 import re
 
 import lightning as L
@@ -186,3 +187,30 @@ def test_an_epoch_cut_short_by_max_steps_still_logs_its_epoch_figures():
     # Batches of 5, 5, 5, 5 and 3 examples: the epoch loss is the mean over examples, as Lightning's was.
     assert epochs[0] == pytest.approx(sum(v * n for v, n in zip(steps[:5], (5, 5, 5, 5, 3))) / 23, rel=1e-6)
     assert epochs[1] == pytest.approx(sum(steps[5:]) / 2, rel=1e-6)
+
+
+def test_a_cpu_fit_does_not_ask_nvml_for_cuda_on_every_optimizer_step(monkeypatch):
+    # Lightning sets the variable at import; torch's AdamW then asks NVML whether CUDA is there every step.
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    asked, training = [], []
+    original = torch.cuda._device_count_nvml
+
+    def counting():
+        asked.append(bool(training))
+        return original()
+
+    class Window(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            training.append(True)
+
+        def on_train_end(self, trainer, pl_module):
+            training.clear()
+
+    if not torch.backends.cuda.is_built() or torch.cuda.is_initialized():
+        pytest.skip("torch asks NVML only in a CUDA build before CUDA is initialised")
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", counting)
+    torch.cuda.is_available()
+    assert asked == [False]  # the probe sees what torch asks
+    _fit(TransferModel, callbacks=[Window()])  # 15 AdamW steps
+    assert asked.count(True) == 0
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"  # put back for the rest of the process

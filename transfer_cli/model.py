@@ -17,6 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.callbacks.progress import StepMetricsOnDemand
+from transfer_cli.cuda_probe import CudaRuntimeCheckDuringFit
 from transfer_cli.errors import ConfigError
 from transfer_cli.heads import LinearHead
 from transfer_cli.lightning_private import logs_this_step
@@ -28,13 +29,16 @@ from transfer_cli.schedules import build, optimizers
 HeadFactory = Callable[[int, int], nn.Module]
 # What the model logs per epoch (train_loss_step, the loss of single steps, is not a figure to follow).
 MONITORABLE = ("val_loss", "val_acc", "train_loss_epoch", "train_acc")
+# Set by Lightning before and after every hook it calls (twice per hook, dozens of times a step): plain
+# strings, never parameters or submodules, so nn.Module.__setattr__'s checks are skipped for them.
+LIGHTNING_BOOKKEEPING = frozenset({"_current_fx_name"})
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
-class TransferModel(L.LightningModule):
+class TransferModel(CudaRuntimeCheckDuringFit, L.LightningModule):
     def __init__(
         self,
         backbone: Backbone,
@@ -91,6 +95,12 @@ class TransferModel(L.LightningModule):
         self.mistakes = Mistakes()
         self.evaluation: dict[str, Any] | None = None  # set at the end of validate/test, on every process
         self._real_left: int | None = None  # examples of this process's share that are not sampler padding
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in LIGHTNING_BOOKKEEPING:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def configure_model(self) -> None:
         if self.compile_modules:
