@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from transfer_cli.allocator import keep_freed_memory
 
-    # As the `transfer` process does for itself: in this worker both sides run under it, so the ratios
+    # As a CPU fit does (transfer_cli/cpu_fit.py), here from the start and for both sides: the ratios
     # compare the loops, not where glibc happened to put their memory.
     malloc_tuned = keep_freed_memory()
     spec, device = json.loads(args.spec), torch.device(args.device)

@@ -206,11 +206,37 @@ def test_a_cpu_fit_does_not_ask_nvml_for_cuda_on_every_optimizer_step(monkeypatc
         def on_train_end(self, trainer, pl_module):
             training.clear()
 
-    if not torch.backends.cuda.is_built() or torch.cuda.is_initialized():
-        pytest.skip("torch asks NVML only in a CUDA build before CUDA is initialised")
+    if not torch.backends.cuda.is_built() or torch.cuda.is_initialized() or torch.cuda.device_count() > 0:
+        pytest.skip("torch asks NVML per step only in a CUDA build, before CUDA is initialised, without a GPU")
+    if not hasattr(torch.cuda, "_device_count_nvml"):
+        pytest.skip("this torch no longer asks NVML through torch.cuda._device_count_nvml")
     monkeypatch.setattr(torch.cuda, "_device_count_nvml", counting)
     torch.cuda.is_available()
     assert asked == [False]  # the probe sees what torch asks
     _fit(TransferModel, callbacks=[Window()])  # 15 AdamW steps
     assert asked.count(True) == 0
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"  # put back for the rest of the process
+
+
+def test_where_a_cuda_device_is_visible_a_cpu_fit_leaves_lightnings_fork_safe_check(monkeypatch):
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    from transfer_cli import cuda_probe
+
+    monkeypatch.setattr(cuda_probe, "visible_cuda_devices", lambda: 1)  # a GPU machine training on the CPU
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"])
+
+    _fit(TransferModel, callbacks=[Look()], max_epochs=1)
+    assert seen == ["1"] * 5  # the CUDA runtime would initialise the driver that a later fork inherits
+
+
+def test_a_cpu_fit_keeps_freed_memory_for_the_next_step(monkeypatch):
+    from transfer_cli import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("tuned") or True)
+    _fit(TransferModel, max_epochs=1)
+    assert calls == ["tuned"]

@@ -1,20 +1,21 @@
-"""Keep freed host memory in the process for the next step instead of handing it back to the kernel.
+"""Keep the host memory a training step frees for the next step instead of handing it back to the kernel.
 
-glibc's malloc serves blocks above a moving threshold (128 KB at first) with fresh mmap()s and gives
-the top of its heap back to the kernel whenever more than a threshold is free there. A training step
-on the CPU frees and reallocates the same few megabytes of activations, gradients and optimizer
-temporaries every step; which of them land at the heap's top depends on the order of allocations, so
-one loop keeps its memory and another, doing the same arithmetic, pays a page fault for every 4 KB
-of it again on every step. Measured on ResNet50 at 32 px, batch 32, two cores (benchmarks/RESULTS.md):
-Lightning's loop took 160,000-180,000 page faults and 0.46 s of kernel time per 8 steps where the
-plain loop took 40,000-110,000 and 0.1-0.3 s, a 5-10% slower step; with the thresholds below both took under
-10,000 and ran at the same speed. This is what PyTorch's CPU tuning guide gets by preloading jemalloc
-or tcmalloc, done with two mallopt() calls instead.
+glibc's malloc serves blocks above a moving threshold (128 KB at first, 32 MB at most) with fresh
+mmap()s and gives the top of its heap back to the kernel whenever more than a threshold is free there.
+A training step on the CPU frees and reallocates the same activations, gradients and temporaries every
+step, some of them above 32 MB (ResNet50 at 32 px, batch 32: blocks of 72 MB, seen with strace); which
+of them land at the heap's top depends on the order of allocations, so one loop keeps its memory and
+another doing the same arithmetic pays a page fault for every 4 KB of it on every step. Measured with
+`getrusage` around 8 steps of that ResNet50 on two cores: Lightning's loop 157,000-183,000 page faults
+and 0.46 s of kernel time, a plain loop 37,000-111,000 and 0.1-0.3 s, 5-10% apart in speed; with the
+thresholds below both under 12,000 and at the same speed. PyTorch's CPU tuning guide gets the same by
+preloading jemalloc or tcmalloc.
 
-The price: memory freed by one phase stays with the process for the next (up to the largest heap the
-run reached); the peak does not grow. glibc's own settings win: with MALLOC_*_ variables,
-GLIBC_TUNABLES or a preloaded allocator in the environment nothing is changed, and
-TRANSFER_MALLOC_TUNING=0 turns this off.
+The price: blocks up to 256 MB come from the heap, which then holds up to TRIM_THRESHOLD of freed memory
+for reuse, and blocks of many different sizes can leave it holding more than the process uses. So this
+is done only where it pays, for a fit on the CPU (cpu_fit.py); on a GPU the step's memory is the
+device's. glibc's own settings win: with MALLOC_* variables, GLIBC_TUNABLES or a preloaded allocator
+in the environment nothing is changed, and TRANSFER_MALLOC_TUNING=0 turns this off.
 """
 
 import ctypes
@@ -22,17 +23,15 @@ import os
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-# Above every per-step block of the models we train on CPU; glibc versions that refuse this much
-# (their limit is 32 MB) get the largest they accept.
+# Above the per-step blocks of the models we train on the CPU; a glibc that refuses this much (some cap
+# the threshold at 32 MB) gets the largest it accepts.
 MMAP_THRESHOLDS = (256 * 2**20, 32 * 2**20)
-TRIM_THRESHOLD = 2**30
-
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+TRIM_THRESHOLD = 256 * 2**20
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True when they were changed."""
-    if os.environ.get("TRANSFER_MALLOC_TUNING", "1") == "0" or _user_chose_allocator():
+    if os.environ.get("TRANSFER_MALLOC_TUNING", "1") == "0" or user_chose_allocator():
         return False
     try:
         os.confstr("CS_GNU_LIBC_VERSION")  # raises where the C library is not glibc
@@ -44,8 +43,8 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def _user_chose_allocator() -> bool:
-    if any(name in os.environ for name in USER_SETTINGS):
+def user_chose_allocator() -> bool:
+    if any(name.startswith("MALLOC_") for name in os.environ):  # MALLOC_ARENA_MAX, MALLOC_TRIM_THRESHOLD_, ...
         return True
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return True

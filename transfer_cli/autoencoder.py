@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from transfer_cli.backbones.base import Backbone, ImagePreprocessing
-from transfer_cli.cuda_probe import CudaRuntimeCheckDuringFit
+from transfer_cli.cpu_fit import CpuFitTuning
 from transfer_cli.errors import ConfigError
 from transfer_cli.model import default_optimizer
 from transfer_cli.runs import run_dir
@@ -100,7 +100,7 @@ class ConvDecoder(nn.Module):
         return self.upsample(maps)
 
 
-class Autoencoder(CudaRuntimeCheckDuringFit, L.LightningModule):
+class Autoencoder(CpuFitTuning, L.LightningModule):
     def __init__(
         self,
         backbone: ConvEncoder,

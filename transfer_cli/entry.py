@@ -91,11 +91,8 @@ def _dispatch(args: list[str]) -> int:
     if args[0] in WITHOUT_LIGHTNING:
         verb = getattr(importlib.import_module(module), function)
     else:
-        from transfer_cli.allocator import keep_freed_memory
         from transfer_cli.deferred_dynamo import deferred
         from transfer_cli.lean_imports import torchmetrics_without_extras
-
-        keep_freed_memory()  # these verbs run models: no page faults for memory each step frees again
 
         # Before anything imports lightning: seconds off every verb's start (see both modules).
         with deferred():

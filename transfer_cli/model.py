@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.callbacks.progress import StepMetricsOnDemand
-from transfer_cli.cuda_probe import CudaRuntimeCheckDuringFit
+from transfer_cli.cpu_fit import CpuFitTuning
 from transfer_cli.errors import ConfigError
 from transfer_cli.heads import LinearHead
 from transfer_cli.lightning_private import logs_this_step
@@ -38,7 +38,7 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
-class TransferModel(CudaRuntimeCheckDuringFit, L.LightningModule):
+class TransferModel(CpuFitTuning, L.LightningModule):
     def __init__(
         self,
         backbone: Backbone,
