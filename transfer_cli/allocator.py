@@ -33,14 +33,22 @@ def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True when they were changed."""
     if os.environ.get("TRANSFER_MALLOC_TUNING", "1") == "0" or user_chose_allocator():
         return False
+    if not is_glibc():
+        return False
     try:
-        os.confstr("CS_GNU_LIBC_VERSION")  # raises where the C library is not glibc
         mallopt = ctypes.CDLL(None).mallopt
-    except (ValueError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return False
     if not any(mallopt(M_MMAP_THRESHOLD, size) for size in MMAP_THRESHOLDS):
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError, AttributeError):  # another C library; no os.confstr at all on Windows
+        return False
 
 
 def user_chose_allocator() -> bool:
