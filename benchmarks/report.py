@@ -24,6 +24,9 @@ COLUMNS = [
 
 # The image-folder decode cases (bench_decode.py): ResNet18, and a genuinely small backbone.
 DECODE_CASES = ("decode", "decode_small")
+# Issue 16's target names "a small backbone"; ResNet18 spends most of a CPU epoch in the model, so its
+# rows are shown without a verdict.
+DECODE_TARGET = "decode_small"
 # (case, what one input is called, the baseline script)
 FIRST_ROW_CASES = (("first_row", "image", "plain_predict.py"), ("first_row_text", "text", "plain_predict_text.py"))
 
@@ -121,7 +124,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 decode_key,
                 f"epochs {epochs(t[key])} s",
                 f"epochs {epochs(p[key])} s (plain loop, PIL every epoch)",
-                f"epoch 1 / epoch 2 {case[ratio_key]:.2f}x; plain / epoch 2 {case[plain_key]:.2f}x",
+                f"epoch 1 / epochs 2+ {case[ratio_key]:.2f}x; plain / epochs 2+ {case[plain_key]:.2f}x",
                 "—",
                 "—",
             )
@@ -277,8 +280,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             ("data only", d["data_epoch1_over_epoch2"], d["data_plain_over_epoch2"]),
         ):
             what = f"image folder ({model}), {label}"
-            out.append((f"{what}: epoch 2 >= 2x faster than epoch 1", f"{first:.2f}x", first >= 2))
-            out.append((f"{what}: epoch 2 >= 2x faster than the plain loop", f"{plain:.2f}x", plain >= 2))
+            if decode_key != DECODE_TARGET:
+                what += " (for information: not the small backbone of the target)"
+            target = decode_key == DECODE_TARGET
+            out.append(
+                (f"{what}: epochs 2+ >= 2x faster than epoch 1", f"{first:.2f}x", first >= 2 if target else None)
+            )
+            out.append(
+                (f"{what}: epochs 2+ >= 2x faster than the plain loop", f"{plain:.2f}x", plain >= 2 if target else None)
+            )
     if "startup" in cases and "transfer_fit_help" in cases["startup"]["sides"]:
         s = cases["startup"]["sides"]["transfer_fit_help"]["seconds"]
         out.append(("`transfer fit --help` < 2 s", f"{s:.2f} s", s < 2))

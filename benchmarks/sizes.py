@@ -33,14 +33,15 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "probe": {"model": "resnet50", "image_size": 32, "images": 1024, "batch_size": 64, "epochs": 10, "repeats": 2},
         "startup": {"repeats": 5, "heavy_repeats": 2},
         # The shared JPEGs are 32 px CIFAR-10 images; every epoch resizes them up to the training size.
-        "decode": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 3, "workers": None},
+        # Five epochs: the ratios use the median of epochs 2-5 (an epoch here is a few tenths of a second).
+        "decode": {"model": "resnet18", "image_size": 64, "batch_size": 64, "epochs": 5, "workers": None},
         # Issue 16's "small backbone": MobileNetV3-Small (2.5 M parameters, 0.06 GFLOPs at 224 px, torchvision's
         # smallest classifier) at the same 64 px; ResNet18 (1.8 GFLOPs) spends most of a CPU epoch in the model.
         "decode_small": {
             "model": "mobilenet_v3_small",
             "image_size": 64,
             "batch_size": 64,
-            "epochs": 3,
+            "epochs": 5,
             "workers": None,
         },
         "first_row": {"model": "resnet18", "image_size": 32, "source_size": 32, "counts": [1, 1000], "batch_size": 16}
