@@ -173,6 +173,10 @@ def main() -> int:
         "cases": {},
         "errors": {},
     }
+    # A cache folder of the run's own: transfer's kept choices (the CPU layout of each backbone) start empty,
+    # as on a fresh machine; the first transfer run of a model times the layouts, later ones read the choice.
+    cache = tempfile.TemporaryDirectory(prefix="transfer-bench-cache-")
+    os.environ["TRANSFER_CACHE_DIR"] = cache.name
     start = time.perf_counter()
     for i, name in enumerate(selected, 1):
         waited = wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0

@@ -46,7 +46,7 @@ def plain_probe(spec: dict[str, Any], device: torch.device, cached: bool) -> dic
     val = plain_loader(SyntheticImages(val_count(spec), seed=1), spec, shuffle=False)  # as SyntheticImageData
     with PeakMemory(device) as memory:
         start, cpu_start = time.perf_counter(), time.process_time()
-        backbone = model.to(device).eval().requires_grad_(False)
+        backbone = model.to(device).to(memory_format=preprocess.layout).eval().requires_grad_(False)
         head.to(device)
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
 

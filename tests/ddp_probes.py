@@ -68,3 +68,34 @@ class SeenExamples(Callback):
             dist.all_gather_object(ranks, self.seen)
         if trainer.is_global_zero:
             Path("seen.json").write_text(json.dumps({"world_size": trainer.world_size, "ranks": ranks}))
+
+
+class RankLayouts(Callback):
+    """Makes each rank's CPU timing pick a different layout (rank 0 NCHW, the others channels_last), then
+    writes layouts.json on rank 0: by rank, whether it timed, what its backbone runs in, and whether every
+    4-D weight is laid out that way."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from transfer_cli import memory_format  # this runs before the model's setup, which settles the layout
+
+        self.timed = False
+        layout = torch.contiguous_format if trainer.global_rank == 0 else torch.channels_last
+
+        def timing(*args, **kwargs):
+            self.timed = True
+            return layout
+
+        memory_format.fastest_on_cpu = timing
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layout = pl_module.backbone.memory_format
+        weights = [p for p in pl_module.backbone.parameters() if p.dim() == 4]
+        mine = {
+            "timed": self.timed,
+            "runs": str(layout).removeprefix("torch."),
+            "weights_follow": bool(weights) and all(p.is_contiguous(memory_format=layout) for p in weights),
+        }
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        if trainer.is_global_zero:
+            Path("layouts.json").write_text(json.dumps(ranks))

@@ -235,7 +235,7 @@ def test_preprocessing_equals_timms_eval_transform(photos, name, image_size):
     # In-memory images (CIFAR-10) are resized on the device, from the same pixels: alike.
     jpegs = [p for p in paths if p.suffix == ".jpg"]
     raw = torch.stack([read_image(p) for p in jpegs])
-    on_device = BatchImageTransform(backbone.preprocessing(), channels_last=False)(raw, augment=False)
+    on_device = BatchImageTransform(backbone.preprocessing())(raw, augment=False)
     _assert_within_rounding(
         _in_pixel_levels(on_device, _reference(backbone, jpegs, image_size), backbone.preprocessing().std)
     )

@@ -67,9 +67,10 @@ class ConvEncoder(Backbone):
         self.features = nn.Sequential(*(_conv_block(a, b) for a, b in zip(self.channels, self.channels[1:])))
         self.map_shape = (self.channels[-1], image_size // factor, image_size // factor)
         self.project = nn.Linear(math.prod(self.map_shape), num_features)
+        self.use_memory_format(torch.channels_last)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.project(self.features(inputs).flatten(1))
+        return self.project(self.features(self.in_layout(inputs)).flatten(1))
 
     def preprocessing(self) -> ImagePreprocessing:
         # Native resolution: no resize, no crop; CIFAR-10 normalisation.

@@ -54,11 +54,16 @@ def cached_help(args: list[str], build: Callable[[], int]) -> int:
     return code
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """transfer's folder of caches (help texts here, the CPU layouts of memory_format.py)."""
     base = os.environ.get("TRANSFER_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "transfer"
     )
-    return Path(base) / "help"
+    return Path(base)
+
+
+def cache_dir() -> Path:
+    return cache_root() / "help"
 
 
 def _entry(args: list[str]) -> Path | None:

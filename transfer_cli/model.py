@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from transfer_cli import memory_format
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.callbacks.progress import StepMetricsOnDemand
 from transfer_cli.cpu_fit import CpuFitTuning
@@ -101,6 +102,9 @@ class TransferModel(CpuFitTuning, L.LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def setup(self, stage: str) -> None:
+        memory_format.settle(self.backbone, self.trainer)
 
     def configure_model(self) -> None:
         if self.compile_modules:

@@ -48,6 +48,19 @@ class Backbone(nn.Module):
     """
 
     num_features: int
+    # The layout of a convolutional image backbone's weights and inputs (settled per run, memory_format.py);
+    # None for backbones it does not apply to (text).
+    memory_format: torch.memory_format | None = None
+
+    def use_memory_format(self, layout: torch.memory_format) -> None:
+        self.to(memory_format=layout)
+        self.memory_format = layout
+
+    def in_layout(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The image batch in this backbone's layout: the transforms hand over NCHW, as torch makes it."""
+        if self.memory_format is None or inputs.is_contiguous(memory_format=self.memory_format):
+            return inputs
+        return inputs.contiguous(memory_format=self.memory_format)
 
     def preprocessing(self) -> Any:
         raise NotImplementedError
@@ -67,13 +80,14 @@ class ImageModelBackbone(Backbone):
 
     def __init__(self, model: nn.Module, num_features: int, preprocessing: ImagePreprocessing):
         super().__init__()
-        # Convolutions run fastest on NHWC tensors on GPUs; the inputs arrive channels_last too.
-        self.model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        # Convolutions run fastest on NHWC tensors on GPUs; on the CPU a run may settle on NCHW instead.
+        self.use_memory_format(torch.channels_last)
         self.num_features = num_features
         self._preprocessing = preprocessing
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+        return self.model(self.in_layout(inputs))
 
     def preprocessing(self) -> ImagePreprocessing:
         return self._preprocessing

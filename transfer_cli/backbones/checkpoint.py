@@ -9,6 +9,8 @@ file for the inner backbone's config, and that model's own checkpoint carries th
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transfer_cli.backbones.base import Backbone
 from transfer_cli.checkpoint import check_class_paths, read_checkpoint
 from transfer_cli.errors import CheckpointError, ConfigError
@@ -54,6 +56,13 @@ class CheckpointBackbone(Backbone):
 
     def forward(self, inputs: Any) -> Any:
         return self.encoder(inputs)
+
+    @property
+    def memory_format(self) -> torch.memory_format | None:
+        return self.encoder.memory_format
+
+    def use_memory_format(self, layout: torch.memory_format) -> None:
+        self.encoder.use_memory_format(layout)
 
     def preprocessing(self) -> Any:
         # The inputs must look like those the stored backbone was trained on.

@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.strategies import DDPStrategy
 
+from transfer_cli import memory_format
 from transfer_cli.data.base import TransferDataModule
 from transfer_cli.errors import ConfigError
 from transfer_cli.feature_cache import can_cache
@@ -75,6 +76,7 @@ class FinetuningPolicy(BaseFinetuning):
         else:
             reason = "the data does not come from a transfer datamodule (transfer_cli.data)"
         if reason is None:
+            memory_format.settle(pl_module.backbone, trainer)  # before the features are computed
             datamodule.use_cached_features(trainer, pl_module.backbone)
         else:
             print(f"transfer: frozen features are not cached: {reason}", file=sys.stderr)

@@ -184,9 +184,8 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 class BatchImageTransform:
     """uint8 batch -> normalised float batch at the backbone's input size, with optional augmentation."""
 
-    def __init__(self, preprocessing: ImagePreprocessing, channels_last: bool = True):
+    def __init__(self, preprocessing: ImagePreprocessing):
         self.preprocessing = preprocessing
-        self.channels_last = channels_last
         self._scale: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
@@ -201,10 +200,8 @@ class BatchImageTransform:
         # their files sees. Resized as floats, they differed by up to half a grey level.
         images = resize_center_crop(images, p.resize_size, p.crop_size, p.interpolation).float()
         mean, std = self._mean_std(images.device)
-        images = (images - mean) / std
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
+        # In NCHW: the backbone brings its inputs to the layout its weights run in (backbones/base.py).
+        return (images - mean) / std
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # Made once per device: building them per batch is a blocking host-to-device copy each time.
