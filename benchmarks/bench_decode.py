@@ -99,7 +99,12 @@ def tool_side(root: Path, spec: dict[str, Any], device: torch.device, decode_on:
         return _Images(loader), lambda: data.teardown("fit")
 
     transform = BatchImageTransform(backbone.preprocessing())  # what on_after_batch_transfer does in training
-    return _both(make_loader, lambda images: transform(images, augment=True), spec, device)
+
+    def preprocess(images: torch.Tensor) -> torch.Tensor:
+        # Both sides run the same channels_last model (_model); a backbone's in_layout brings its inputs so.
+        return transform(images, augment=True).contiguous(memory_format=torch.channels_last)
+
+    return _both(make_loader, preprocess, spec, device)
 
 
 class _Transferred:

@@ -55,7 +55,9 @@ def main() -> None:
     weights = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
     weights["fc.weight"], weights["fc.bias"] = state["head.1.weight"], state["head.1.bias"]
     model.load_state_dict(weights)
-    model.to(device).eval()
+    # The layout a hand-written script uses: torch's default NCHW on the CPU, channels_last on CUDA.
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.to(device).to(memory_format=layout).eval()
     mean = torch.tensor(p["mean"], device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(p["std"], device=device).view(1, 3, 1, 1) * 255.0
     batch_size = meta["data"]["init_args"]["batch_size"]
@@ -66,7 +68,7 @@ def main() -> None:
         images = [load(q, p["resize_size"], p["crop_size"], p["interpolation"]) for q in chunk]
         with torch.inference_mode():
             inputs = (torch.stack(images).to(device) - mean) / std
-            probs = model(inputs.contiguous(memory_format=torch.channels_last)).float().softmax(dim=-1).cpu()
+            probs = model(inputs.contiguous(memory_format=layout)).float().softmax(dim=-1).cpu()
         scores, indices = probs.topk(min(args.topk, len(names)), dim=1)
         for path, row_scores, row_indices in zip(chunk, scores.tolist(), indices.tolist()):
             topk = [[names[c], round(s, 6)] for c, s in zip(row_indices, row_scores)]

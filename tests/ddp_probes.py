@@ -71,21 +71,23 @@ class SeenExamples(Callback):
 
 
 class RankLayouts(Callback):
-    """Makes each rank's CPU timing pick a different layout (rank 0 NCHW, the others channels_last), then
-    writes layouts.json on rank 0: by rank, whether it timed, what its backbone runs in, and whether every
-    4-D weight is laid out that way."""
+    """Makes rank 0's CPU timing pick NCHW and any other rank's choice channels_last, were it asked, then
+    writes layouts.json on rank 0: by rank, whether it was asked, what its backbone runs in, and whether
+    every 4-D weight is laid out that way."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from transfer_cli import memory_format  # this runs before the model's setup, which settles the layout
 
         self.timed = False
-        layout = torch.contiguous_format if trainer.global_rank == 0 else torch.channels_last
 
-        def timing(*args, **kwargs):
+        def asked(*args, **kwargs):
             self.timed = True
-            return layout
+            return torch.contiguous_format if trainer.global_rank == 0 else torch.channels_last
 
-        memory_format.fastest_on_cpu = timing
+        if trainer.global_rank == 0:
+            memory_format.fastest_on_cpu = asked  # behind rank 0's real cache of choices
+        else:
+            memory_format.cpu_layout = asked
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         layout = pl_module.backbone.memory_format

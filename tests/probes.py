@@ -40,3 +40,26 @@ class EvaluationProbabilities(Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._keep(pl_module, batch)
+
+
+class OptimizerStateLayout(Callback):
+    """Writes optimizer_layout.json at the first training batch (state restored, hooks run): whether every
+    optimizer state tensor shaped like its parameter is laid out like it, the fused flag, the backbone layout."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if Path("optimizer_layout.json").exists():
+            return
+        optimizer = trainer.optimizers[0]
+        pairs = [
+            (value.stride(), param.stride())
+            for param, state in optimizer.state.items()
+            for value in state.values()
+            if isinstance(value, torch.Tensor) and value.shape == param.shape
+        ]
+        found = {
+            "state_tensors": len(pairs),
+            "state_follows": all(mine == theirs for mine, theirs in pairs),
+            "fused": [group.get("fused") for group in optimizer.param_groups],
+            "layout": str(pl_module.backbone.memory_format).removeprefix("torch."),
+        }
+        Path("optimizer_layout.json").write_text(json.dumps(found))

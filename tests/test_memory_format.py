@@ -3,7 +3,6 @@ faster, settled once per run before the model is moved or wrapped, with the same
 
 import json
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +14,10 @@ from torch import nn
 from transfer_cli import memory_format
 from transfer_cli.backbones import TorchvisionBackbone
 from transfer_cli.backbones.base import ImageModelBackbone, ImagePreprocessing
+from transfer_cli.backbones.checkpoint import CheckpointBackbone
 from transfer_cli.callbacks.finetuning import FinetuningPolicy
 from transfer_cli.data.image_folder import ImageFolderDataModule
+from transfer_cli.errors import ConfigError
 from transfer_cli.model import TransferModel
 
 from conftest import TINY_IMAGE_BACKBONE, run_transfer
@@ -27,43 +28,61 @@ PREPROCESSING = ImagePreprocessing(crop_size=8, resize_size=8, mean=(0.5,) * 3, 
 
 
 class LayoutClock(nn.Module):
-    """A convolution whose forward pass takes `seconds[layout]` of the layout its input arrives in."""
+    """A convolution that notes the layout of every input it runs; `clock` scripts what timing it takes."""
 
-    def __init__(self, nchw: float, nhwc: float):
+    def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.seconds = {NCHW: nchw, NHWC: nhwc}
         self.seen: list[torch.memory_format] = []
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        layout = NCHW if inputs.is_contiguous() else NHWC
-        self.seen.append(layout)
-        time.sleep(self.seconds[layout])
+        self.seen.append(NCHW if inputs.is_contiguous() else NHWC)
         return self.conv(inputs).mean(dim=(2, 3))
 
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch) -> Path:
-    """Choices kept by other tests (the same architecture, the same size) must not decide these."""
+    """Choices kept by other tests (the same architecture, the same size) or by this process must not decide."""
     monkeypatch.setenv("TRANSFER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(memory_format.ENV, raising=False)
+    monkeypatch.setattr(memory_format, "_chosen", {})
     return tmp_path / "cache"
 
 
-def _clocked(nchw: float, nhwc: float) -> ImageModelBackbone:
-    return ImageModelBackbone(LayoutClock(nchw, nhwc), num_features=4, preprocessing=PREPROCESSING)
+def clock(monkeypatch, nchw: list[float], nhwc: list[float]) -> None:
+    """Each timed forward pass takes the next of the seconds given for its input's layout."""
+    script = {NCHW: iter(nchw), NHWC: iter(nhwc)}
+    monkeypatch.setattr(memory_format, "_timed", lambda model, x: model(x) is None or next(script[_layout(x)]))
+
+
+def _layout(inputs: torch.Tensor) -> torch.memory_format:
+    return NCHW if inputs.is_contiguous() else NHWC
+
+
+def _clocked() -> ImageModelBackbone:
+    return ImageModelBackbone(LayoutClock(), num_features=4, preprocessing=PREPROCESSING)
+
+
+R = memory_format.ROUNDS
 
 
 @pytest.mark.parametrize(
     ("nchw", "nhwc", "chosen"),
-    # Sleeps long enough that a loaded machine's scheduling delays (a few ms) do not decide.
-    [(0.01, 0.1, NCHW), (0.1, 0.01, NHWC), (0.1, 0.1, NHWC), (0.095, 0.1, NHWC)],
-    ids=["nchw-clearly-faster", "nhwc-faster", "even", "nchw-faster-within-noise"],
+    [
+        ([0.01] * R, [0.1] * R, NCHW),
+        ([0.1] * R, [0.01] * R, NHWC),
+        ([0.1] * R, [0.1] * R, NHWC),
+        ([0.095] * R, [0.1] * R, NHWC),
+        ([0.01] * (R - 1) + [0.2], [0.1] * R, NHWC),
+    ],
+    ids=["nchw-clearly-faster", "nhwc-faster", "even", "nchw-faster-within-noise", "nchw-lost-a-round"],
 )
-def test_nchw_is_taken_on_the_cpu_only_when_clearly_faster(nchw, nhwc, chosen):
-    backbone = _clocked(nchw, nhwc)
+def test_nchw_is_taken_on_the_cpu_only_when_clearly_faster_in_every_round(monkeypatch, nchw, nhwc, chosen):
+    clock(monkeypatch, nchw, nhwc)
+    backbone = _clocked()
     assert memory_format.fastest_on_cpu(backbone, image_size=8, batch_size=64) == chosen
-    # Both layouts were run, each warmed up before it was timed.
-    assert backbone.model.seen.count(NCHW) == backbone.model.seen.count(NHWC) == 1 + memory_format.TIMED_RUNS
+    # Both layouts warmed up, then timed in alternation (a burst of other work slows both).
+    assert backbone.model.seen == [NCHW, NHWC] + [NCHW, NHWC] * R
 
 
 def test_timing_leaves_the_run_untouched():
@@ -98,63 +117,122 @@ def test_both_layouts_give_the_same_features_and_gradients():
         torch.testing.assert_close(nchw, nhwc, rtol=0, atol=1e-4 * nchw.abs().max().item())
 
 
-def _trainer(device: str) -> SimpleNamespace:
+def _trainer(device: str, precision: str = "32-true") -> SimpleNamespace:
     """What settle reads of a Lightning Trainer."""
     return SimpleNamespace(
         strategy=SimpleNamespace(root_device=torch.device(device), broadcast=lambda obj: obj),
         is_global_zero=True,
-        precision="32-true",
+        precision=precision,
         precision_plugin=SimpleNamespace(forward_context=lambda: torch.autocast("cpu", enabled=False)),
     )
 
 
 def test_a_gpu_run_keeps_channels_last_without_timing(monkeypatch):
     monkeypatch.setattr(memory_format, "fastest_on_cpu", _never_timed)
-    backbone = _clocked(0.0, 0.0)
+    backbone = _clocked()
     backbone.use_memory_format(NCHW)
     memory_format.settle(backbone, _trainer("cuda"))
     assert backbone.memory_format == NHWC and backbone.model.conv.weight.is_contiguous(memory_format=NHWC)
 
 
 def _never_timed(*args, **kwargs):
-    raise AssertionError("timed on a GPU run")
+    raise AssertionError("timed")
 
 
-def test_the_choice_is_kept_so_reruns_compute_the_same_numbers(own_cache):
+def test_the_choice_is_kept_so_reruns_compute_the_same_numbers(own_cache, monkeypatch):
     """Both layouts sum in a different order: a rerun timed afresh could flip and print other digits."""
-    first = _clocked(0.0, 0.03)
+    clock(monkeypatch, [0.01] * R, [0.1] * R)
+    first = _clocked()
     memory_format.settle(first, _trainer("cpu"))
     assert first.memory_format == NCHW and first.model.conv.weight.is_contiguous()
-    assert first.model.seen  # timed
     [kept] = (own_cache / "cpu-layouts").iterdir()
-    assert kept.read_text() == "contiguous_format"
+    assert kept.read_text() == "contiguous"
 
-    again = _clocked(0.03, 0.0)  # the same architecture, timed now it would choose channels_last
+    monkeypatch.setattr(memory_format, "_chosen", {})  # as a new process
+    monkeypatch.setattr(memory_format, "fastest_on_cpu", _never_timed)
+    again = _clocked()  # the same architecture
     memory_format.settle(again, _trainer("cpu"))
     assert again.memory_format == NCHW and not again.model.seen  # read back, not timed
     again(torch.randn(2, 3, 8, 8).contiguous(memory_format=NHWC))
     assert again.model.seen == [NCHW]  # inputs follow the settled layout
 
-    kept.write_text("garbage")  # a damaged entry is timed again and replaced
-    memory_format.settle(again, _trainer("cpu"))
-    assert again.memory_format == NHWC and kept.read_text() == "channels_last"
+
+@pytest.mark.parametrize("damage", [b"garbage", b"\xff\xfe\x00"], ids=["text", "binary"])
+def test_a_damaged_choice_is_timed_again_and_replaced(own_cache, monkeypatch, damage):
+    clock(monkeypatch, [0.1] * R, [0.01] * R)
+    memory_format.settle(_clocked(), _trainer("cpu"))
+    [kept] = (own_cache / "cpu-layouts").iterdir()
+    kept.write_bytes(damage)
+    monkeypatch.setattr(memory_format, "_chosen", {})
+    clock(monkeypatch, [0.01] * R, [0.1] * R)
+    backbone = _clocked()
+    memory_format.settle(backbone, _trainer("cpu"))
+    assert backbone.memory_format == NCHW and kept.read_text() == "contiguous"
 
 
-def test_an_unwritable_cache_only_means_timing_again(tmp_path, monkeypatch):
+def test_one_process_never_runs_two_layouts_even_when_nothing_can_be_kept(tmp_path, monkeypatch):
+    """The feature cache's pass (finetuning callback's setup) and the model's setup settle alike."""
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder would be")
     monkeypatch.setenv("TRANSFER_CACHE_DIR", str(blocked))
-    backbone = _clocked(0.0, 0.03)
+    clock(monkeypatch, [0.01] * R, [0.1] * R)
+    backbone = _clocked()
+    memory_format.settle(backbone, _trainer("cpu"))
+    clock(monkeypatch, [0.1] * R, [0.01] * R)  # timed again, it would now choose channels_last
     memory_format.settle(backbone, _trainer("cpu"))
     assert backbone.memory_format == NCHW
-    assert not list(tmp_path.glob(".layout-*")) and blocked.read_text().startswith("a file")
+    assert blocked.read_text().startswith("a file")
+
+
+@pytest.mark.parametrize(("value", "chosen"), [("contiguous", NCHW), ("channels_last", NHWC)])
+def test_the_environment_decides_without_timing(monkeypatch, own_cache, value, chosen):
+    monkeypatch.setenv(memory_format.ENV, value)
+    monkeypatch.setattr(memory_format, "fastest_on_cpu", _never_timed)
+    backbone = _clocked()
+    memory_format.settle(backbone, _trainer("cpu"))
+    assert backbone.memory_format == chosen and not own_cache.exists()
+
+
+def test_an_unknown_layout_in_the_environment_is_a_config_error(monkeypatch):
+    monkeypatch.setenv(memory_format.ENV, "nhwc")
+    with pytest.raises(ConfigError, match="TRANSFER_CPU_LAYOUT='nhwc' is not a layout: use auto"):
+        memory_format.settle(_clocked(), _trainer("cpu"))
+
+
+def test_half_precision_weights_keep_channels_last_untimed(monkeypatch):
+    """Lightning converts the weights to bf16 after setup: a timing then would measure float32."""
+    monkeypatch.setattr(memory_format, "fastest_on_cpu", _never_timed)
+    backbone = _clocked()
+    memory_format.settle(backbone, _trainer("cpu", precision="bf16-true"))
+    assert backbone.memory_format == NHWC
+
+
+def test_a_timing_that_fails_keeps_channels_last_and_says_so(monkeypatch, capsys):
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(memory_format, "fastest_on_cpu", fails)
+    backbone = _clocked()
+    memory_format.settle(backbone, _trainer("cpu"))
+    assert backbone.memory_format == NHWC
+    assert "kept channels_last: timing the CPU layouts failed: out of memory" in capsys.readouterr().err
 
 
 def test_text_backbones_are_left_alone():
     class Text(nn.Module):
         memory_format = None
 
-    memory_format.settle(Text(), _trainer("cpu"))  # nothing to time, nothing to set
+        def use_memory_format(self, layout):
+            raise AssertionError("a text backbone was given a layout")
+
+    memory_format.settle(Text(), _trainer("cpu"))
+
+
+def test_a_checkpoint_backbone_passes_the_layout_to_its_encoder():
+    encoder = _clocked()
+    wrapped = CheckpointBackbone(source=encoder)
+    wrapped.use_memory_format(NCHW)
+    assert wrapped.memory_format == encoder.memory_format == NCHW and encoder.model.conv.weight.is_contiguous()
 
 
 def test_frozen_features_are_cached_in_the_layout_the_run_settled_on(imagefolder_root, tmp_path, monkeypatch):
@@ -204,4 +282,27 @@ def test_two_processes_run_rank_zeros_layout(tmp_path, imagefolder_root, offline
     assert [r["runs"] for r in ranks] == ["contiguous_format", "contiguous_format"]
     assert all(r["weights_follow"] for r in ranks)
     [kept] = (cwd / "cache" / "cpu-layouts").iterdir()
-    assert kept.read_text() == "contiguous_format"
+    assert kept.read_text() == "contiguous"
+
+
+def test_optimizer_state_resumed_in_another_layout_follows_the_weights(tmp_path, cifar_root, offline_env):
+    """State saved channels_last, resumed where the weights run NCHW (a GPU checkpoint resumed on a CPU, a
+    checkpoint of an earlier version): torch's fused AdamW reads state and weights as if laid out alike and
+    would update those weights wrongly, with no error."""
+    env = {**offline_env, "PYTHONPATH": os.pathsep.join([str(TESTS), offline_env.get("PYTHONPATH", "")])}
+    env["TRANSFER_CACHE_DIR"] = str(tmp_path / "cache")
+    fit = (
+        "fit", "--config", "resnet50-cifar10", "--config", "debug", f"--data.root={cifar_root}", *TINY_IMAGE_BACKBONE,
+        "--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.optimizer.init_args.fused=true",
+        "--model.init_args.lr_scheduler=null", "--trainer.callbacks+=probes.OptimizerStateLayout",
+    )  # fmt: skip
+    first = run_transfer(*fit, cwd=tmp_path, env={**env, memory_format.ENV: "channels_last"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "optimizer_layout.json").unlink()
+    resumed = run_transfer(
+        *fit, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=tmp_path, env={**env, memory_format.ENV: "contiguous"}
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    found = json.loads((tmp_path / "optimizer_layout.json").read_text())
+    assert found["layout"] == "contiguous_format" and set(found["fused"]) == {True}
+    assert found["state_tensors"] > 0 and found["state_follows"]

@@ -221,3 +221,27 @@ def test_rank_zero_ends_with_the_error_a_failed_rank_left(tmp_path, marker, erro
     assert type(failed.value).__name__ == error
     assert failed.value.exit_code == {"DataError": 3, "RankFailed": 130, "ResourceError": 6}[error]
     shards.remove()
+
+
+def test_rank_zero_removes_the_parts_even_when_another_rank_renames_its_file_meanwhile(tmp_path, monkeypatch):
+    """SIGTERM reaches every rank: rank 1 may rename its finished part (finish) after rank 0's rmtree has
+    listed the folder, which left the renamed file and the folder behind (seen in the SIGTERM test above)."""
+    from transfer_cli.callbacks import prediction_shards
+
+    parts = tmp_path / ".preds.jsonl.x.parts"
+    parts.mkdir()
+    shards = prediction_shards.PredictionShards(parts, rank=0, world_size=2)
+    (parts / "rank1.part").write_text("[]\n")
+    rmtree = shutil.rmtree
+    renamed = []
+
+    def listed_then_renamed(path, ignore_errors=False):
+        rmtree(path, ignore_errors=ignore_errors)
+        if not renamed:  # the other rank's rename lands after the listing: rmdir failed, the file stays
+            parts.mkdir()
+            (parts / "rank1.done").write_text("[]\n")
+            renamed.append(True)
+
+    monkeypatch.setattr(prediction_shards.shutil, "rmtree", listed_then_renamed)
+    shards.remove()
+    assert renamed and not parts.exists()

@@ -16,6 +16,7 @@ import torchvision
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from transfer_cli import memory_format
 from transfer_cli.backbones.base import Backbone, ImagePreprocessing
 from transfer_cli.cpu_fit import CpuFitTuning
 from transfer_cli.errors import ConfigError
@@ -155,6 +156,10 @@ class Autoencoder(CpuFitTuning, L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"embedding": self.backbone(batch["inputs"])}
+
+    def on_train_start(self) -> None:
+        # The encoder keeps its weights channels_last (checkpoints of earlier versions hold NCHW state).
+        memory_format.align_optimizer_state(self.trainer.optimizers)
 
     def on_validation_epoch_end(self) -> None:
         preview, self._preview = self._preview, None

@@ -229,6 +229,7 @@ class TransferModel(CpuFitTuning, L.LightningModule):
         tally.reset()
 
     def on_train_start(self) -> None:
+        memory_format.align_optimizer_state(self.trainer.optimizers)  # restored by now, in the layout saved
         self.tallies["train"].reset()  # a run resumed mid-epoch counts from here, as Lightning's logging does
         if self.compile_modules:
             self._first_step_started = time.perf_counter()

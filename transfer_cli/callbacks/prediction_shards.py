@@ -30,6 +30,7 @@ from transfer_cli import errors
 from transfer_cli.errors import EXIT_RESOURCE, EXIT_TERMINATED, Interrupted, ResourceError, TransferError
 
 POLL_S = 0.05
+REMOVE_ROUNDS = 50  # rank 0's attempts at removing the parts while other ranks may still be renaming
 # How long a failed rank outlives the parts directory, for rank 0 to end first (under torchrun its
 # parent is the agent, which stops it once rank 0 has ended).
 FAILED_GRACE_S = 60.0
@@ -186,7 +187,13 @@ class PredictionShards:
             with contextlib.suppress(OSError):  # a full disk fails the flush again; the file goes anyway
                 self._file.close()
         if self.rank == 0:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            # Another rank may rename its file (finish) between rmtree listing the directory and removing
+            # that name, which leaves the renamed file and so the directory: list and remove again.
+            for _ in range(REMOVE_ROUNDS):
+                shutil.rmtree(self.directory, ignore_errors=True)
+                if not self.directory.exists():
+                    break
+                time.sleep(POLL_S)
         else:
             self._part(self.rank).unlink(missing_ok=True)
 
