@@ -93,6 +93,15 @@ def run_transfer(
 
 
 # Small, fast image model for tests: ResNet18 (has BatchNorm) at 32 px, random weights.
+def two_class_folder(imagefolder_root: Path, root: Path, per_class: int) -> Path:
+    """An image folder (train/cat, train/dog) of links to the first real JPEGs of the shared folder."""
+    for name in ("cat", "dog"):
+        (root / "train" / name).mkdir(parents=True)
+        for jpg in sorted((imagefolder_root / "train" / name).glob("*.jpg"))[:per_class]:
+            (root / "train" / name / jpg.name).symlink_to(jpg)
+    return root
+
+
 TINY_IMAGE_BACKBONE = (
     "--model.init_args.backbone.init_args.name=resnet18",
     "--model.init_args.backbone.init_args.weights=null",

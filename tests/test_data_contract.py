@@ -26,6 +26,8 @@ from transfer_cli.data import (
 from transfer_cli.feature_cache import FeatureBatches
 from transfer_cli.model import TransferModel
 
+from conftest import two_class_folder
+
 PREP = ImagePreprocessing(32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
 ALL = [CIFAR10DataModule, ImageFolderDataModule, MNLIDataModule, TextClassificationDataModule]
 
@@ -168,11 +170,7 @@ class _SeesTheLoader(L.Callback):
 
 
 def test_the_datamodule_serves_cached_features_and_drops_them_after_fit(imagefolder_root, tmp_path):
-    root = tmp_path / "images"
-    for name in ("cat", "dog"):
-        (root / "train" / name).mkdir(parents=True)
-        for jpg in sorted((imagefolder_root / "train" / name).glob("*.jpg"))[:8]:
-            (root / "train" / name / jpg.name).symlink_to(jpg)
+    root = two_class_folder(imagefolder_root, tmp_path / "images", per_class=8)
     data = ImageFolderDataModule(str(root), augment=False, num_workers=0, batch_size=4)
     model = TransferModel(TorchvisionBackbone("resnet18", weights=None, image_size=32), data.class_names)
     data.connect(model.backbone)

@@ -20,7 +20,7 @@ from transfer_cli.data.image_folder import ImageFolderDataModule
 from transfer_cli.errors import ConfigError
 from transfer_cli.model import TransferModel
 
-from conftest import TINY_IMAGE_BACKBONE, run_transfer
+from conftest import TINY_IMAGE_BACKBONE, run_transfer, two_class_folder
 
 TESTS = Path(__file__).resolve().parent
 NCHW, NHWC = torch.contiguous_format, torch.channels_last
@@ -239,11 +239,7 @@ def test_frozen_features_are_cached_in_the_layout_the_run_settled_on(imagefolder
     """The feature cache runs the backbone in the finetuning callback's setup, before the model's own setup:
     the layout must be settled by then, or the whole cached pass runs in the slower one."""
     monkeypatch.setattr(memory_format, "fastest_on_cpu", lambda *args, **kwargs: NCHW)
-    root = tmp_path / "images"
-    for name in ("cat", "dog"):
-        (root / "train" / name).mkdir(parents=True)
-        for jpg in sorted((imagefolder_root / "train" / name).glob("*.jpg"))[:8]:
-            (root / "train" / name / jpg.name).symlink_to(jpg)
+    root = two_class_folder(imagefolder_root, tmp_path / "images", per_class=8)
     data = ImageFolderDataModule(str(root), augment=False, num_workers=0, batch_size=4)
     model = TransferModel(TorchvisionBackbone("resnet18", weights=None, image_size=32), data.class_names)
     data.connect(model.backbone)
