@@ -50,7 +50,7 @@ def cached_help(args: list[str], build: Callable[[], int]) -> int:
     with _recorded_stdout() as recorded:
         code = build()
     if code == 0 and path is not None and recorded.getvalue():
-        _store(path, recorded.getvalue())
+        store(path, recorded.getvalue())
     return code
 
 
@@ -131,8 +131,9 @@ def _recorded_stdout() -> Iterator[_Tee]:
         yield tee
 
 
-def _store(path: Path, text: str) -> None:
-    # Written whole or not at all: two shells asking at once must never read half a help text.
+def store(path: Path, text: str) -> None:
+    """Written whole or not at all (a rename): two processes asking at once never read half of it. A folder
+    that cannot be written leaves nothing, and no error: every cache here can be built again."""
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".help-")

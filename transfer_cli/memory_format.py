@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from transfer_cli.errors import ConfigError
-from transfer_cli.help_cache import cache_root
+from transfer_cli.help_cache import cache_root, store
 
 if TYPE_CHECKING:
     import lightning as L
@@ -91,7 +90,7 @@ def cpu_layout(
         except (RuntimeError, ValueError, TypeError) as err:  # out of memory, an input the model refuses
             print(f"transfer: kept channels_last: timing the CPU layouts failed: {err}", file=sys.stderr)
             layout = torch.channels_last
-        _keep(entry, next(name for name, known in LAYOUTS.items() if known == layout))
+        store(entry, next(name for name, known in LAYOUTS.items() if known == layout))
     _chosen[entry] = layout
     return layout
 
@@ -171,19 +170,3 @@ def _processor() -> tuple[str, ...]:
     name = fields.get("model name") or fields.get("CPU part") or platform.processor() or platform.machine()
     flags = hashlib.sha256((fields.get("flags") or fields.get("Features") or "").encode()).hexdigest()[:16]
     return name, flags, torch.backends.cpu.get_cpu_capability(), str(os.cpu_count())
-
-
-def _keep(entry: Path, name: str) -> None:
-    """Written whole or not at all (a rename); a folder that cannot be written only means timing again."""
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".layout-")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(name)
-        os.replace(tmp, entry)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
