@@ -1,5 +1,5 @@
 """Predicting files on the CPU decodes them on threads in this process instead of loader worker
-processes (data/images.py, ThreadDecodedFiles): the rows must be the very bytes the worker path and the
+processes (data/images.py, ThreadDecoded): the rows must be the very bytes the worker path and the
 stdin path write, a bad input in the middle included."""
 
 import io
@@ -13,7 +13,7 @@ import torch
 
 from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.data import ImageFolderDataModule
-from transfer_cli.data.images import ImageDataModule, ThreadDecodedFiles
+from transfer_cli.data.images import ImageDataModule, ThreadDecoded
 from transfer_cli.entry import main
 from transfer_cli.errors import EXIT_DATA
 
@@ -86,13 +86,13 @@ def _loader(folder: Path, num_workers: int | None, device: str | None):
 
 def test_the_cpu_decodes_on_threads_unless_worker_processes_are_asked_for(folder):
     cpu = _loader(folder, None, "cpu")
-    assert isinstance(cpu.dataset, ThreadDecodedFiles) and cpu.num_workers == 0
+    assert isinstance(cpu.dataset, ThreadDecoded) and cpu.num_workers == 0
     assert cpu.dataset.threads >= 1
     asked = _loader(folder, 2, "cpu")
-    assert not isinstance(asked.dataset, ThreadDecodedFiles) and asked.num_workers == 2
+    assert not isinstance(asked.dataset, ThreadDecoded) and asked.num_workers == 2
     # An accelerator computes while worker processes decode ahead.
     gpu = _loader(folder, None, "cuda")
-    assert not isinstance(gpu.dataset, ThreadDecodedFiles) and gpu.num_workers >= 1
+    assert not isinstance(gpu.dataset, ThreadDecoded) and gpu.num_workers >= 1
 
 
 def test_the_console_script_runs_atexit_handlers_flushes_then_exits_without_teardown(monkeypatch):

@@ -347,8 +347,6 @@ class TransferCLI(LightningCLIBase):
             check_writable(Path(output).parent)
         # The writer needs no batch indices, which Lightning cannot know for a stream it did not batch.
         warnings.filterwarnings("ignore", message=r".*Couldn't infer the batch indices.*")
-        # On the CPU files are decoded on threads in this process on purpose (data/images.py ThreadDecodedFiles).
-        warnings.filterwarnings("ignore", message=r".*'predict_dataloader' does not have many workers.*")
         # Rows of batch n go out before batch n+1 is read: a stream's producer may be waiting for them.
         stream_predictions(self.trainer)
         self._run(self.trainer.predict, **kwargs)
@@ -574,6 +572,8 @@ def quiet_lightning() -> None:
         r".*module\(s\) in eval mode.*",
         r".*LeafSpec.*is deprecated.*",
         r".*smaller than the logging interval.*",
+        # On the CPU image files are decoded on threads in this process on purpose (data/images.py ThreadDecoded).
+        r".*_dataloader' does not have many workers.*",
     ):
         # Expected with a frozen backbone / a short run; noise for users.
         warnings.filterwarnings("ignore", message=message)

@@ -3,8 +3,9 @@
 Decoding a JPEG and resizing it to the backbone's input size is most of a small model's epoch, and
 its result never changes: augmentation (random crop, flip) and normalisation run later, on the batch
 (image_ops.BatchImageTransform). So each image is decoded the first time a loader asks for it and
-its uint8 pixels at the input size are kept, in shared memory that the loader workers write and
-read, so one cache serves every worker and every epoch. The tensors are exactly what ImageFiles
+its uint8 pixels at the input size are kept: in shared memory that the loader workers write and
+read, so one cache serves every worker and every epoch, or, decoding on threads in the main process
+(a model on the CPU, images.ThreadDecoded), in its own memory. The tensors are exactly what ImageFiles
 returns: cached and decoded images are the same to the bit.
 """
 
@@ -49,6 +50,10 @@ class DecodedImages(ImageFiles):
         if shared:
             self.images.share_memory_()
             self.filled.share_memory_()
+
+    def kept(self, index: int) -> bool:
+        """Whether the image is held decoded (read without decoding)."""
+        return index < self.capacity and bool(self.filled[index])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index >= self.capacity:

@@ -12,7 +12,7 @@ from transfer_cli.data.base import seeded_split
 from transfer_cli.data.decoded_cache import DecodedBudget, check_limit
 from transfer_cli.data.device_decode import EncodedImages, collate_encoded, decode_on_device
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
-from transfer_cli.data.images import ImageDataModule, ImageFiles
+from transfer_cli.data.images import ImageDataModule, ImageFiles, ThreadDecoded
 from transfer_cli.errors import ConfigError, DataError
 
 
@@ -91,7 +91,9 @@ class ImageFolderDataModule(ImageDataModule):
             val_fraction: Without root/val, the fraction of training images held out (seeded).
             seed: Seed of that split.
             batch_size: Images per batch.
-            num_workers: Loader worker processes decoding images; null picks min(8, CPU count).
+            num_workers: Loader worker processes decoding images. null: min(8, CPU count) of them for a
+                model on an accelerator; for a model on the CPU, that many threads in the main process
+                instead (worker processes would take cores from the model's own threads).
             augment: Random crop and horizontal flip of training images.
             skip_bad_images: Leave out unreadable images (counted on stderr) instead of failing.
             decoded_cache_gb: Most host memory (GiB) that `fit` may keep its training and validation
@@ -202,6 +204,9 @@ class ImageFolderDataModule(ImageDataModule):
         if self.decode_on == "device":
             encoded = EncodedImages(self._decoded_once(split), split)
             return self._loader(encoded, shuffle=split == "train", collate_fn=collate_encoded)
+        if self._decode_in_process():
+            threaded = ThreadDecoded(self._decoded_once(split), self.num_workers)
+            return self._loader(threaded, shuffle=split == "train", in_process=True)
         return self._loader(self._decoded_once(split), shuffle=split == "train")
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -229,7 +234,8 @@ class ImageFolderDataModule(ImageDataModule):
         if split not in self._decoded:
             if self._budget is None:
                 self._budget = DecodedBudget(self.decoded_cache_gb)
-            self._decoded[split] = self._budget.wrap(split, self._splits[split], shared=self.num_workers > 0)
+            shared = self.num_workers > 0 and not self._decode_in_process()  # else one process reads it
+            self._decoded[split] = self._budget.wrap(split, self._splits[split], shared=shared)
         return self._decoded[split]
 
     def use_cached_features(self, trainer: Any, backbone: Any) -> None:

@@ -37,33 +37,52 @@ class ImageFiles(Dataset):
         return {"inputs": image, "labels": self.labels[index], "ids": str(self.paths[index])}
 
 
-class ThreadDecodedFiles(Dataset):
-    """Files to predict on, decoded in the main process a batch at a time, on a pool of threads.
+class ThreadDecoded(Dataset):
+    """Image files decoded in the main process a batch at a time, on a pool of threads.
 
     For a model on the CPU: its own threads already use every core, so loader worker processes only
     take cores from it while they decode ahead (and a core taken from one of its threads stalls the
     others at every layer), besides a fork each and a shared-memory hand-over per batch. Here a batch
     is decoded while the model waits, as a plain script does, spread over `threads` threads (PIL and
     torch release the GIL while decoding and resizing), and nothing is started before the first batch.
+    Images the decoded-once cache already holds (decoded_cache.DecodedImages.kept) are read directly.
     """
 
-    def __init__(self, paths: list[Path], preprocessing: ImagePreprocessing, threads: int):
-        self.paths, self.preprocessing, self.threads = paths, preprocessing, threads
+    def __init__(self, files: Dataset, threads: int):
+        self.files, self.threads = files, threads
         self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return predict_item(self.paths[index], self.preprocessing)
+        return self.files[index]
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         # The DataLoader (num_workers=0) asks for a whole batch at once when a dataset has this method.
-        if self.threads <= 1 or len(indices) == 1:
-            return [self[i] for i in indices]
+        kept = getattr(self.files, "kept", lambda index: False)
+        todo = [index for index in indices if not kept(index)]
+        if self.threads <= 1 or len(todo) <= 1:
+            return [self.files[index] for index in indices]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="transfer-decode")
-        return list(self._pool.map(self.__getitem__, indices))
+            self._pool = decode_pool(self.threads)
+        decoded = dict(zip(todo, self._pool.map(self.files.__getitem__, todo), strict=True))
+        return [decoded[index] if index in decoded else self.files[index] for index in indices]
+
+
+def decode_pool(threads: int) -> ThreadPoolExecutor:
+    """Threads that decode an image each, their torch calls (resizing) confined to the thread.
+
+    A torch operation big enough to split runs an OpenMP team of helper threads on the thread calling
+    it, and once libgomp manages more threads than there are cores its teams stop spinning at their
+    barriers, the model's team on the main thread included. Measured on two cores: a MobileNetV3-Small
+    forward pass ran 2.5x slower for as long as the decoding threads lived, as slow as the whole process
+    under OMP_WAIT_POLICY=passive. One image per thread needs no team.
+    """
+    torch.get_num_threads()  # settles this thread's count first: a thread started later takes the last one set
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix="transfer-decode", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def predict_item(path: Path, preprocessing: ImagePreprocessing) -> dict[str, Any]:
@@ -113,7 +132,7 @@ class StdinImages(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         empty = True
-        with ThreadPoolExecutor(max(1, self.threads)) as pool:
+        with decode_pool(max(1, self.threads)) as pool:
             for lines in read_line_batches(sys.stdin, self.batch_size, self.stopped):
                 empty = False
                 paths = [Path(os.fsdecode(line.strip())) for _, line in lines]
@@ -174,9 +193,11 @@ class ImageDataModule(TransferDataModule):
     def split_loader(self, split: str) -> DataLoader:
         return self._loader(self._splits[split], shuffle=split == "train")
 
-    def _loader(self, dataset: Dataset, shuffle: bool, collate_fn: Any = None, sampler: Any = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, shuffle: bool, collate_fn: Any = None, sampler: Any = None, in_process: bool = False
+    ) -> DataLoader:
         # No more workers than batches: starting processes costs more than a batch or two of images.
-        workers = max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
+        workers = 0 if in_process else max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -197,11 +218,11 @@ class ImageDataModule(TransferDataModule):
             return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
         paths = list_image_inputs(self.predict_input)
         rank, world_size = predict_rank(self.trainer)
+        files = ImageFiles(paths, self.preprocessing)
         if self._decode_in_process():
-            files = ThreadDecodedFiles(paths, self.preprocessing, self.num_workers)
+            files = ThreadDecoded(files, self.num_workers)
             shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
             return DataLoader(files, batch_size=self.batch_size, sampler=shard, collate_fn=collate_predict)
-        files = ImageFiles(paths, self.preprocessing)
         shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
         return self._loader(files, shuffle=False, collate_fn=collate_predict, sampler=shard)
 
