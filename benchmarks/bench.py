@@ -29,7 +29,7 @@ from sizes import SIZES  # a sibling module: this script's folder is first on sy
 HERE = Path(__file__).resolve().parent
 
 CASES = list(SIZES["cpu"])
-WORKER_CASES = ("resnet50_224", "resnet50_32", "bert", "overhead", "probe")
+WORKER_CASES = ("resnet50_224", "resnet50_32", "bert", "overhead", "probe", "decode", "decode_small")
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,6 +83,8 @@ def worker(args: argparse.Namespace) -> None:
         from probe import probe_case as train_case
     elif args.worker == "overhead":
         from overhead import overhead_case as train_case
+    elif args.worker in ("decode", "decode_small"):
+        from bench_decode import measure as train_case
     else:
         from images import train_case
     result = train_case(spec, device)
@@ -185,10 +187,6 @@ def main() -> int:
         try:
             if name in WORKER_CASES:
                 results["cases"][name] = run_worker(name, sizes[name], device, args.threads)
-            elif name in ("decode", "decode_small"):
-                from bench_decode import measure
-
-                results["cases"][name] = measure(sizes[name], device)
             elif name == "startup":
                 from startup import startup_case
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +32,10 @@ DEFAULT_ROOT = (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import synchronize  # noqa: E402
+from report import reading  # noqa: E402
 from sizes import SIZES as ALL_SIZES  # noqa: E402  (this script's folder, as bench.py has it)
+
+from transfer_cli.data.base import default_workers  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {mode: sizes["decode"] for mode, sizes in ALL_SIZES.items()}
 
@@ -59,11 +63,12 @@ def _both(make_loader, preprocess, spec: dict[str, Any], device: torch.device) -
     loader, close = make_loader()
     epoch_s = _epochs(lambda: iter(loader), preprocess, model, device, spec["epochs"])
     images, workers = len(loader.dataset), loader.num_workers
+    threads = getattr(loader.dataset, "threads", 0) if workers == 0 else 0  # images.ThreadDecoded
     close()
     loader, close = make_loader()
     data_s = _epochs(lambda: iter(loader), preprocess, None, device, spec["epochs"])
     close()
-    return {"epoch_s": epoch_s, "data_s": data_s, "images": images, "workers": workers}
+    return {"epoch_s": epoch_s, "data_s": data_s, "images": images, "workers": workers, "threads": threads}
 
 
 def _model(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
@@ -92,6 +97,9 @@ def tool_side(root: Path, spec: dict[str, Any], device: torch.device, decode_on:
             **{key: spec[key] for key in ("decoded_cache_gb",) if key in spec},
         )
         data.connect(backbone)
+        # Where the model runs decides how the folder is read, as in a fit: on threads in this process
+        # for a model on the CPU (unless workers are given), by worker processes for an accelerator.
+        data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=device), world_size=1, global_rank=0)
         data.setup("fit")
         loader = data.train_dataloader()
         if decode_on == "device":
@@ -183,7 +191,10 @@ def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cp
     with tempfile.TemporaryDirectory(prefix="transfer-bench-decode-") as tmp:
         tree = _all_training(root, Path(tmp))
         transfer = tool_side(tree, spec, device)
-        plain = plain_side(tree, spec, device, workers=transfer["workers"])
+        # The plain loop as tutorials write it: worker processes, as many as transfer would start for an
+        # accelerator (min(8, CPU count)), whatever transfer itself does on this device.
+        workers = default_workers() if spec["workers"] is None else spec["workers"]
+        plain = plain_side(tree, spec, device, workers=workers)
         # data.decode_on=device: the same epochs with JPEGs decoded on the device, cache on and off.
         on_device = {
             f"device_cache_{'on' if cache else 'off'}": tool_side(
@@ -217,7 +228,8 @@ def summary(result: dict[str, Any]) -> str:
     epochs = ", ".join(f"{s:.2f}" for s in t["epoch_s"])
     data = ", ".join(f"{s:.2f}" for s in t["data_s"])
     return (
-        f"{t['images']} JPEGs, {result['spec']['model']} at {result['spec']['image_size']} px, {t['workers']} workers\n"
+        f"{t['images']} JPEGs, {result['spec']['model']} at {result['spec']['image_size']} px; transfer "
+        f"{reading(t)}, the plain loop {reading(p)}\n"
         f"transfer epochs: {epochs} s (data only: {data} s)\n"
         f"plain loop epochs: {', '.join(f'{s:.2f}' for s in p['epoch_s'])} s "
         f"(data only: {', '.join(f'{s:.2f}' for s in p['data_s'])} s)\n"
@@ -242,6 +254,10 @@ def main() -> int:
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     spec = SIZES["quick" if args.quick else device]
+    if device == "cpu":
+        from transfer_cli.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as `transfer fit` on the CPU does (cpu_fit.py), for both sides
     result = measure(spec, device, args.root)
     print(summary(result), file=sys.stderr)
     print(json.dumps(result, indent=2))

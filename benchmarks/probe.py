@@ -8,6 +8,7 @@ import inspect
 import time
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from common import PeakMemory, SyntheticImages, autocast, compare, interleaved, summarise, synchronize, trainer
@@ -57,13 +58,8 @@ def plain_probe(spec: dict[str, Any], device: torch.device, cached: bool) -> dic
                     feats = backbone(preprocess(images, augment=False))
                 yield feats, labels  # outside the no_grad block: a generator would leak it to the caller
 
-        def cache(loader):
-            pairs = list(features(loader))
-            feats, labels = torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
-            return lambda shuffle: _batches(feats, labels, spec["batch_size"], shuffle)
-
         if cached:
-            train_batches, val_batches = cache(train), cache(val)
+            train_batches, val_batches = (_Cached(features(loader), spec["batch_size"]) for loader in (train, val))
         else:
             train_batches, val_batches = (lambda shuffle: features(train)), (lambda shuffle: features(val))
         for _ in range(spec["epochs"]):
@@ -85,6 +81,79 @@ def plain_probe(spec: dict[str, Any], device: torch.device, cached: bool) -> dic
     return {"seconds": seconds, "seconds_cpu": cpu_seconds, "memory": memory.report()}
 
 
+def lightning_probe(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The floor under `transfer` with the feature cache: the plain cached loop's features, its head
+    trained by the smallest LightningModule (no callbacks, metrics or logging) under the same Trainer
+    settings. What this takes beyond the plain cached loop is Lightning's own loop, not transfer's."""
+    model = plain_model(spec)
+    head, model.fc = model.fc, nn.Identity()
+    preprocess = PlainPreprocess(spec, device)
+    train = plain_loader(SyntheticImages(spec["images"]), spec, shuffle=True)
+    val = plain_loader(SyntheticImages(val_count(spec), seed=1), spec, shuffle=False)
+    fit = trainer(device, spec["precision"], [], max_epochs=spec["epochs"], limit_val_batches=1.0)
+    with PeakMemory(device) as memory:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        backbone = model.to(device).to(memory_format=preprocess.layout).eval().requires_grad_(False)
+
+        def features(loader):
+            for batch in loader:
+                images, labels = to_device(batch, device)
+                with torch.no_grad(), autocast(device, spec["precision"]):
+                    feats = backbone(preprocess(images, augment=False))
+                yield feats, labels
+
+        cached = [_Cached(features(loader), spec["batch_size"]) for loader in (train, val)]
+        fit.fit(_HeadOnly(head), _Epochs(cached[0], shuffle=True), _Epochs(cached[1], shuffle=False))
+        synchronize(device)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "seconds_cpu": cpu_seconds, "memory": memory.report()}
+
+
+class _Cached:
+    """A split's features, computed once; called with `shuffle`, one epoch of batches over them."""
+
+    def __init__(self, pairs, batch_size: int):
+        pairs = list(pairs)
+        self.feats, self.labels = torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __call__(self, shuffle: bool):
+        return _batches(self.feats, self.labels, self.batch_size, shuffle)
+
+
+class _Epochs:
+    """What Lightning iterates once per epoch: a fresh pass over a cached split."""
+
+    def __init__(self, cached: _Cached, shuffle: bool):
+        self.cached, self.shuffle = cached, shuffle
+
+    def __len__(self) -> int:
+        return len(self.cached)
+
+    def __iter__(self):
+        return self.cached(self.shuffle)
+
+
+class _HeadOnly(L.LightningModule):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def training_step(self, batch, batch_idx):
+        feats, labels = batch
+        return F.cross_entropy(self.head(feats), labels)
+
+    def validation_step(self, batch, batch_idx):
+        feats, labels = batch
+        return (self.head(feats).argmax(dim=1) == labels).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.head.parameters(), lr=1e-3, weight_decay=0.01)
+
+
 def _batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
     order = torch.randperm(len(labels), device=feats.device) if shuffle else torch.arange(len(labels))
     for index in order.split(batch_size):
@@ -96,6 +165,7 @@ def probe_case(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
         "transfer": lambda: tool_probe(spec, device, cache=False),
         "plain": lambda: plain_probe(spec, device, cached=False),
         "plain_cached": lambda: plain_probe(spec, device, cached=True),
+        "lightning_cached": lambda: lightning_probe(spec, device),
     }
     if TOOL_CACHES:
         sides["transfer_cached"] = lambda: tool_probe(spec, device, cache=True)
@@ -112,4 +182,10 @@ def probe_case(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
         result["cached_ratio"] = compare("images/s", cached)["ratio"]
         result["cached_ratio_cpu"] = compare("images/s", cached)["ratio_cpu"]
         result["transfer_caching_speedup"] = sides["transfer"]["seconds"] / sides["transfer_cached"]["seconds"]
+        # Against the floor Lightning's loop sets (lightning_probe): what of the gap is transfer's own.
+        floor = {"transfer": sides["transfer_cached"], "plain": sides["lightning_cached"]}
+        result["cached_over_lightning"] = compare("images/s", floor)["ratio"]
+    result["lightning_cached_ratio"] = compare(
+        "images/s", {"transfer": sides["lightning_cached"], "plain": sides["plain_cached"]}
+    )["ratio"]
     return result

@@ -27,6 +27,16 @@ DECODE_CASES = ("decode", "decode_small")
 # Issue 16's target names "a small backbone"; ResNet18 spends most of a CPU epoch in the model, so its
 # rows are shown without a verdict.
 DECODE_TARGET = "decode_small"
+
+
+def reading(side: dict[str, Any]) -> str:
+    """How a decode case's side read the folder: worker processes, or threads in the main process
+    (transfer_cli/data/images.py ThreadDecoded, for a model on the CPU)."""
+    if side["workers"] == 0 and side.get("threads"):
+        return f"decoded on {side['threads']} threads in the main process"
+    return f"{side['workers']} loader workers"
+
+
 # (case, what one input is called, the baseline script)
 FIRST_ROW_CASES = (("first_row", "image", "plain_predict.py"), ("first_row_text", "text", "plain_predict_text.py"))
 
@@ -108,6 +118,19 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             ratio_cpu,
             f"{_mem(tc)} / {_mem(c)}",
         )
+        floor = case["sides"].get("lightning_cached")
+        if floor is not None and tc is not None:
+            # The smallest LightningModule on the plain loop's cached features (probe.lightning_probe).
+            row(
+                "Linear probe, frozen, feature cache: Lightning's floor",
+                "probe",
+                f"{timed(tc)}; {case['cached_over_lightning']:.3f} of the floor",
+                f"{timed(floor)} (minimal LightningModule on the plain loop's cached features), "
+                f"{case['lightning_cached_ratio']:.3f} of the plain cached loop",
+                f"{case['cached_over_lightning']:.3f}",
+                "—",
+                f"{_mem(tc)} / {_mem(floor)}",
+            )
     for decode_key in [k for k in DECODE_CASES if k in cases]:
         case = cases[decode_key]
         t, p = case["sides"]["transfer"], case["sides"]["plain"]
@@ -122,8 +145,8 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
             row(
                 f"Image folder epochs, decoded once ({label})",
                 decode_key,
-                f"epochs {epochs(t[key])} s",
-                f"epochs {epochs(p[key])} s (plain loop, PIL every epoch)",
+                f"epochs {epochs(t[key])} s ({reading(t)})",
+                f"epochs {epochs(p[key])} s (plain loop, PIL every epoch, {reading(p)})",
                 f"epoch 1 / epochs 2+ {case[ratio_key]:.2f}x; plain / epochs 2+ {case[plain_key]:.2f}x",
                 "—",
                 "—",
