@@ -58,6 +58,7 @@ def test_gradual_under_torchrun_keeps_replicas_identical_across_the_unfreeze_and
     result = _torchrun(*fit, "--trainer.max_epochs=2", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "" and result.stderr.count("checkpoints: ") == 1  # one summary, from rank zero
+    assert "sync_dist=True" not in result.stderr  # Lightning's advice against the per-process train loss
     runs = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").glob("*/*"))
     assert runs == ["runs/resnet50-cifar10/version_0"]  # one run directory for both processes
     models, backbone, parameters = _replicas(tmp_path)

@@ -574,6 +574,8 @@ def quiet_lightning() -> None:
         r".*smaller than the logging interval.*",
         # On the CPU image files are decoded on threads in this process on purpose (data/images.py ThreadDecoded).
         r".*_dataloader' does not have many workers.*",
+        # The epoch's train loss is each process's own mean on purpose (model.py _log_epoch).
+        r".*self\.log\('train_loss(_epoch)?', \.\.\., sync_dist=True\).*",
     ):
         # Expected with a frozen backbone / a short run; noise for users.
         warnings.filterwarnings("ignore", message=message)
