@@ -191,10 +191,14 @@ def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cp
     with tempfile.TemporaryDirectory(prefix="transfer-bench-decode-") as tmp:
         tree = _all_training(root, Path(tmp))
         transfer = tool_side(tree, spec, device)
-        # The plain loop as tutorials write it: worker processes, as many as transfer would start for an
-        # accelerator (min(8, CPU count)), whatever transfer itself does on this device.
+        # The plain loop as tutorials write it, with worker processes (as many as transfer would start for
+        # an accelerator, min(8, CPU count)), and on the CPU also without any (decoding in the main process,
+        # as transfer does there): the faster of the two is the baseline.
         workers = default_workers() if spec["workers"] is None else spec["workers"]
-        plain = plain_side(tree, spec, device, workers=workers)
+        counts = [workers] + ([0] if device.type == "cpu" and workers != 0 else [])
+        plains = {count: plain_side(tree, spec, device, workers=count) for count in counts}
+        plain = min(plains.values(), key=lambda side: statistics.median(side["epoch_s"]))
+        others = {f"plain_{count}_workers": side for count, side in plains.items() if side is not plain}
         # data.decode_on=device: the same epochs with JPEGs decoded on the device, cache on and off.
         on_device = {
             f"device_cache_{'on' if cache else 'off'}": tool_side(
@@ -210,7 +214,7 @@ def measure(spec: dict[str, Any] | None = None, device: str | torch.device = "cp
     return {
         "unit": "s/epoch",
         "spec": spec,
-        "sides": {"transfer": transfer, "plain": plain, **on_device},
+        "sides": {"transfer": transfer, "plain": plain, **others, **on_device},
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "epoch1_over_epoch2": transfer["epoch_s"][0] / later,
         "plain_over_epoch2": plain_epoch / later,

@@ -146,7 +146,12 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                 f"Image folder epochs, decoded once ({label})",
                 decode_key,
                 f"epochs {epochs(t[key])} s ({reading(t)})",
-                f"epochs {epochs(p[key])} s (plain loop, PIL every epoch, {reading(p)})",
+                f"epochs {epochs(p[key])} s (plain loop, PIL every epoch, {reading(p)})"
+                + "".join(
+                    f"; {reading(o)}: epochs {epochs(o[key])} s (slower)"
+                    for name, o in case["sides"].items()
+                    if name.startswith("plain_") and name.endswith("_workers")
+                ),
                 f"epoch 1 / epochs 2+ {case[ratio_key]:.2f}x; plain / epochs 2+ {case[plain_key]:.2f}x",
                 "—",
                 "—",
@@ -158,7 +163,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
                     f"Image folder epochs, JPEGs decoded on the device, cache {cache} (with forward)",
                     decode_key,
                     f"epochs {epochs(d['epoch_s'])} s (data only {epochs(d['data_s'])} s)",
-                    f"epochs {epochs(t['epoch_s'])} s (decoded in the workers)",
+                    f"epochs {epochs(t['epoch_s'])} s ({reading(t)})",
                     f"workers / device, epoch 1 {t['epoch_s'][0] / d['epoch_s'][0]:.2f}x, "
                     f"epoch 2 {t['epoch_s'][1] / d['epoch_s'][1]:.2f}x",
                     "—",

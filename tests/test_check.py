@@ -195,3 +195,20 @@ def test_check_and_fetch_explain_their_flags_and_point_to_fits(capsys):
     assert main(["--help"]) == 0
     usage = capsys.readouterr().out
     assert "  check " in usage and "  fetch " in usage
+
+
+def test_check_on_an_image_folder_read_on_threads_counts_every_class_and_validates(tmp_path, imagefolder_root):
+    # A model on the CPU reads the folder on threads in this process (num_workers left to transfer), and
+    # check validates after fit's setup, under inference mode, on the decoded-once cache fit made.
+    result = run_transfer(
+        "check", "--config", "resnet50-cifar10", "--config", "debug", *TINY_IMAGE_BACKBONE,
+        "--data=transfer_cli.data.ImageFolderDataModule", f"--data.init_args.root={imagefolder_root}", "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    splits = report["data"]["splits"]
+    together = Counter(splits["train"]["per_class"]) + Counter(splits["val"]["per_class"])
+    folder = {d.name: len(list(d.glob("*.jpg"))) for d in (imagefolder_root / "train").iterdir() if d.is_dir()}
+    assert dict(together) == folder and report["data"]["few_examples"] == []
+    assert report["device"]["eval_step_s"] > 0 and report["exit_code"] == 0

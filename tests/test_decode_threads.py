@@ -4,6 +4,8 @@ must be those the worker processes give, the decoded-once cache must still decod
 the decoding threads must leave the model's threads alone."""
 
 import io
+import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -13,7 +15,6 @@ import torch
 import transfer_cli.data.images as images
 from transfer_cli.backbones.base import ImagePreprocessing
 from transfer_cli.data import ImageFolderDataModule
-from transfer_cli.data.base import default_workers
 
 # The shared JPEGs are 32 px: 40 px via 46 resamples and rounds every image.
 PREP = ImagePreprocessing(crop_size=40, resize_size=46, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -27,6 +28,13 @@ def _folder(root, workers: int | None, device: str = "cpu", cache_gb: float = 1.
     data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), world_size=1)
     data.setup("fit")
     return data
+
+
+@pytest.fixture(autouse=True)
+def three_threads(monkeypatch):
+    # num_workers left to transfer is min(8, CPU count): three here, so that batches are decoded on
+    # several threads whatever the machine's cores.
+    monkeypatch.setattr(images, "default_workers", lambda: 3)
 
 
 @pytest.fixture()
@@ -59,7 +67,7 @@ def test_a_model_on_the_cpu_reads_on_threads_unless_worker_processes_are_asked_f
         assert isinstance(train.dataset, images.ThreadDecoded) is threaded, (device, workers)
         assert isinstance(val.dataset, images.ThreadDecoded) is threaded, (device, workers)
         if threaded:
-            assert train.num_workers == 0 and train.dataset.threads == default_workers()
+            assert train.num_workers == 0 and train.dataset.threads == 3
             # One process reads the decoded images: kept in its own memory, not in /dev/shm.
             assert not train.dataset.files.images.is_shared()
         else:
@@ -130,3 +138,65 @@ def test_stdin_decoding_threads_run_torch_on_one_thread_each(monkeypatch, two_to
     stream = images.StdinImages(PREP, batch_size=20, threads=2, stopped=lambda: False)
     assert len(list(stream)) == 2
     assert counts and set(counts) == {1} and torch.get_num_threads() == 2
+
+
+def test_validating_under_inference_mode_after_fit_setup_reads_and_keeps_on_threads(imagefolder_root, decodes):
+    # Lightning validates under inference mode (`transfer check` after fit's setup); the threads write the
+    # decoded images outside it.
+    data = _folder(imagefolder_root, None)
+    with torch.inference_mode():
+        first = [batch["ids"] for batch in data.val_dataloader()]
+    assert decodes() == VAL
+    with torch.inference_mode():
+        assert [batch["ids"] for batch in data.val_dataloader()] == first
+    assert decodes() == VAL
+
+
+def test_the_cache_made_before_the_trainer_is_shared_once_worker_processes_read_it(imagefolder_root):
+    # `transfer check` counts the examples before the trainer says the model is on a GPU.
+    data = ImageFolderDataModule(str(imagefolder_root), batch_size=32, decoded_cache_gb=1.0)
+    data.use_preprocessing(PREP)
+    data.setup("fit")
+    assert not data.train_dataloader().dataset.files.images.is_shared()  # no trainer: taken as the CPU
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")), world_size=1)
+    loader = data.train_dataloader()
+    assert loader.num_workers >= 1 and loader.dataset.images.is_shared()
+    assert data._budget.left == int(1.0 * 2**30) - TRAIN * 3 * PREP.crop_size**2  # the first one given back
+
+
+def test_decoding_on_the_device_keeps_a_cache_its_loader_workers_read(imagefolder_root, monkeypatch):
+    import transfer_cli.data.device_decode as device_decode
+
+    decoded = []
+    real = device_decode._decode
+    monkeypatch.setattr(device_decode, "_decode", lambda *args: decoded.append(len(args[0])) or real(*args))
+    data = ImageFolderDataModule(str(imagefolder_root), batch_size=32, decode_on="device", decoded_cache_gb=1.0)
+    data.use_preprocessing(PREP)
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), world_size=1)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert loader.num_workers >= 1  # decode_on device: the workers read the files
+    for epoch, expected in enumerate((TRAIN, 0)):
+        before = sum(decoded)
+        for batch in loader:
+            data.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+        assert sum(decoded) - before == expected, f"epoch {epoch}"
+
+
+def test_the_main_threads_count_stays_when_decoding_threads_start_before_it_used_torch(tmp_path):
+    # A fresh process whose main thread has not run torch yet: the decoding threads' count of 1 must not
+    # become its own.
+    script = (
+        "import torch, transfer_cli.data.images as images\n"
+        "class D(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i): return torch.get_num_threads()\n"
+        "seen = images.ThreadDecoded(D(), threads=2).__getitems__(list(range(8)))\n"
+        "print(sorted(set(seen)), torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[1]", "2"]

@@ -46,7 +46,8 @@ def test_random_augmentation_turns_caching_off_and_says_why(tmp_path, imagefolde
     assert "not cached: random augmentation" in log
 
 
-@pytest.mark.parametrize("workers", [0, 2])  # 2: persistent loader workers, which draw their seed only once
+# 2: persistent loader workers, which draw their seed only once; null: on the CPU, threads in this process.
+@pytest.mark.parametrize("workers", ["0", "2", "null"])
 def test_cache_gives_the_same_batches_in_the_same_order_every_epoch(tmp_path, imagefolder_root, offline_env, workers):
     # 9 shuffled batches per epoch, 3 epochs, and dropout in the head: any difference in the order of
     # the examples or in the random state the training draws from shows in the head's weights.

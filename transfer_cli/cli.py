@@ -572,7 +572,8 @@ def quiet_lightning() -> None:
         r".*module\(s\) in eval mode.*",
         r".*LeafSpec.*is deprecated.*",
         r".*smaller than the logging interval.*",
-        # On the CPU image files are decoded on threads in this process on purpose (data/images.py ThreadDecoded).
+        # transfer chooses loader workers itself: none for a model on the CPU (image files are decoded on threads
+        # in this process, data/images.py ThreadDecoded) or for data already in memory (CIFAR-10).
         r".*_dataloader' does not have many workers.*",
         # The epoch's train loss is each process's own mean on purpose (model.py _log_epoch).
         r".*self\.log\('train_loss(_epoch)?', \.\.\., sync_dist=True\).*",

@@ -44,9 +44,12 @@ class DecodedImages(ImageFiles):
     def __init__(self, files: ImageFiles, capacity: int, shared: bool):
         super().__init__(files.paths, files.preprocessing, files.labels)
         size = self.preprocessing.crop_size
-        self.capacity = min(capacity, len(files))
-        self.images = torch.empty((self.capacity, 3, size, size), dtype=torch.uint8)
-        self.filled = torch.zeros(self.capacity, dtype=torch.bool)
+        self.capacity, self.shared = min(capacity, len(files)), shared
+        # Normal tensors even when made under inference mode (Lightning's validate: `transfer check`
+        # validates after fit's setup): decoding threads and processes write them outside it.
+        with torch.inference_mode(False):
+            self.images = torch.empty((self.capacity, 3, size, size), dtype=torch.uint8)
+            self.filled = torch.zeros(self.capacity, dtype=torch.bool)
         if shared:
             self.images.share_memory_()
             self.filled.share_memory_()
@@ -86,6 +89,10 @@ class DecodedBudget:
             return files
         self.left -= capacity * per_image
         return DecodedImages(files, capacity, shared)
+
+    def release(self, decoded: DecodedImages) -> None:
+        """Give back the bytes `decoded` took (it is dropped and made again)."""
+        self.left += decoded.capacity * 3 * decoded.preprocessing.crop_size**2
 
 
 def notice(split: str, count: int, capacity: int, per_image: int, limit_gb: float, memory_bound: bool) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.data.base import seeded_split
-from transfer_cli.data.decoded_cache import DecodedBudget, check_limit
+from transfer_cli.data.decoded_cache import DecodedBudget, DecodedImages, check_limit
 from transfer_cli.data.device_decode import EncodedImages, collate_encoded, decode_on_device
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
 from transfer_cli.data.images import ImageDataModule, ImageFiles, ThreadDecoded
@@ -231,10 +231,16 @@ class ImageFolderDataModule(ImageDataModule):
                     file=sys.stderr,
                 )
             return self._splits[split]
+        if self._budget is None:
+            self._budget = DecodedBudget(self.decoded_cache_gb)
+        # In shared memory where loader processes read it (worker processes decoding, or reading files for
+        # decode_on device, which this process decodes into it); threads in this process keep it in its own.
+        shared = self.num_workers > 0 and (self.decode_on == "device" or not self._decode_in_process())
+        kept = self._decoded.get(split)
+        if isinstance(kept, DecodedImages) and kept.shared != shared:
+            # Made before the trainer said where the model runs (`transfer check` counts the examples first).
+            self._budget.release(self._decoded.pop(split))
         if split not in self._decoded:
-            if self._budget is None:
-                self._budget = DecodedBudget(self.decoded_cache_gb)
-            shared = self.num_workers > 0 and not self._decode_in_process()  # else one process reads it
             self._decoded[split] = self._budget.wrap(split, self._splits[split], shared=shared)
         return self._decoded[split]
 

@@ -55,6 +55,10 @@ class ThreadDecoded(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def labels(self) -> list[int] | None:
+        return getattr(self.files, "labels", None)  # what `transfer check` counts per class
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.files[index]
 
@@ -79,7 +83,10 @@ def decode_pool(threads: int) -> ThreadPoolExecutor:
     forward pass ran 2.5x slower for as long as the decoding threads lived, as slow as the whole process
     under OMP_WAIT_POLICY=passive. One image per thread needs no team.
     """
-    torch.get_num_threads()  # settles this thread's count first: a thread started later takes the last one set
+    # torch.set_num_threads also sets the count that any thread's first torch call takes from then on:
+    # this thread's is settled here first. A fit computes on this thread (CPU autograd included), and
+    # torch's own loader and pin-memory threads set theirs to 1 anyway.
+    torch.get_num_threads()
     return ThreadPoolExecutor(
         threads, thread_name_prefix="transfer-decode", initializer=torch.set_num_threads, initargs=(1,)
     )
@@ -206,7 +213,7 @@ class ImageDataModule(TransferDataModule):
             collate_fn=collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and not in_process,  # in process: the model is on the CPU
             drop_last=False,
         )
 
