@@ -107,3 +107,20 @@ TINY_IMAGE_BACKBONE = (
     "--model.init_args.backbone.init_args.weights=null",
     "--model.init_args.backbone.init_args.image_size=32",
 )
+
+
+@pytest.fixture()
+def decodes(tmp_path, monkeypatch):
+    """Counts image decodes in this process, its threads and loader workers (forked: they append to a file)."""
+    import transfer_cli.data.images as images
+
+    log = tmp_path / "decodes.log"
+    real = images.read_image
+
+    def counted(path):
+        with open(log, "a") as f:
+            f.write(f"{path}\n")
+        return real(path)
+
+    monkeypatch.setattr(images, "read_image", counted)
+    return lambda: len(log.read_text().splitlines()) if log.exists() else 0

@@ -38,21 +38,6 @@ def three_threads(monkeypatch):
 
 
 @pytest.fixture()
-def decodes(tmp_path, monkeypatch):
-    """Counts image decodes in this process, its threads and loader workers (forked: they append to a file)."""
-    log = tmp_path / "decodes.log"
-    real = images.read_image
-
-    def counted(path):
-        with open(log, "a") as f:
-            f.write(f"{path}\n")
-        return real(path)
-
-    monkeypatch.setattr(images, "read_image", counted)
-    return lambda: len(log.read_text().splitlines()) if log.exists() else 0
-
-
-@pytest.fixture()
 def two_torch_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # what a two-core machine starts with, here on any machine

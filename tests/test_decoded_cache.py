@@ -33,21 +33,6 @@ def _epoch(loader, seed: int) -> list[dict]:
     return list(loader)
 
 
-@pytest.fixture()
-def decodes(tmp_path, monkeypatch):
-    """Counts image decodes in this process and in loader workers (forked: they append to a file)."""
-    log = tmp_path / "decodes.log"
-    real = images.read_image
-
-    def counted(path):
-        with open(log, "a") as f:
-            f.write(f"{path}\n")
-        return real(path)
-
-    monkeypatch.setattr(images, "read_image", counted)
-    return lambda: len(log.read_text().splitlines()) if log.exists() else 0
-
-
 def test_cached_epochs_give_the_pixels_and_augmented_batches_of_decoding(imagefolder_root):
     cached, plain = _folder(imagefolder_root, cache_gb=1.0), _folder(imagefolder_root, cache_gb=0)
     for split in ("val", "train"):
