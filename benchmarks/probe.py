@@ -38,30 +38,47 @@ def tool_probe(spec: dict[str, Any], device: torch.device, cache: bool) -> dict[
     return {"seconds": seconds, "seconds_cpu": cpu_seconds, "memory": memory.report()}
 
 
+class _PlainParts:
+    """What both plain sides start from: the model split into frozen backbone and head, its preprocessing,
+    and the loaders over the same images as SyntheticImageData's."""
+
+    def __init__(self, spec: dict[str, Any], device: torch.device):
+        self.spec, self.device = spec, device
+        model = plain_model(spec)
+        self.head, model.fc = model.fc, nn.Identity()
+        self.model, self.preprocess = model, PlainPreprocess(spec, device)
+        self.train = plain_loader(SyntheticImages(spec["images"]), spec, shuffle=True)
+        self.val = plain_loader(SyntheticImages(val_count(spec), seed=1), spec, shuffle=False)
+
+    def frozen(self) -> None:
+        """The backbone on the device in eval mode, under no gradient: the first timed step of both sides."""
+        self.backbone = self.model.to(self.device).to(memory_format=self.preprocess.layout)
+        self.backbone.eval().requires_grad_(False)
+
+    def features(self, loader):
+        for batch in loader:
+            images, labels = to_device(batch, self.device)
+            with torch.no_grad(), autocast(self.device, self.spec["precision"]):
+                feats = self.backbone(self.preprocess(images, augment=False))
+            yield feats, labels  # outside the no_grad block: a generator would leak it to the caller
+
+    def cached(self) -> tuple["_Cached", "_Cached"]:
+        return tuple(_Cached(self.features(loader), self.spec["batch_size"]) for loader in (self.train, self.val))
+
+
 def plain_probe(spec: dict[str, Any], device: torch.device, cached: bool) -> dict[str, Any]:
     """The frozen backbone in eval mode under no_grad, a linear head trained on its features."""
-    model = plain_model(spec)
-    head, model.fc = model.fc, nn.Identity()
-    preprocess = PlainPreprocess(spec, device)
-    train = plain_loader(SyntheticImages(spec["images"]), spec, shuffle=True)
-    val = plain_loader(SyntheticImages(val_count(spec), seed=1), spec, shuffle=False)  # as SyntheticImageData
+    parts = _PlainParts(spec, device)
+    head = parts.head
     with PeakMemory(device) as memory:
         start, cpu_start = time.perf_counter(), time.process_time()
-        backbone = model.to(device).to(memory_format=preprocess.layout).eval().requires_grad_(False)
+        parts.frozen()
         head.to(device)
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
-
-        def features(loader):
-            for batch in loader:
-                images, labels = to_device(batch, device)
-                with torch.no_grad(), autocast(device, spec["precision"]):
-                    feats = backbone(preprocess(images, augment=False))
-                yield feats, labels  # outside the no_grad block: a generator would leak it to the caller
-
         if cached:
-            train_batches, val_batches = (_Cached(features(loader), spec["batch_size"]) for loader in (train, val))
+            train_batches, val_batches = parts.cached()
         else:
-            train_batches, val_batches = (lambda shuffle: features(train)), (lambda shuffle: features(val))
+            train_batches, val_batches = (lambda _: parts.features(parts.train)), (lambda _: parts.features(parts.val))
         for _ in range(spec["epochs"]):
             head.train()
             for feats, labels in train_batches(True):
@@ -85,25 +102,13 @@ def lightning_probe(spec: dict[str, Any], device: torch.device) -> dict[str, Any
     """The floor under `transfer` with the feature cache: the plain cached loop's features, its head
     trained by the smallest LightningModule (no callbacks, metrics or logging) under the same Trainer
     settings. What this takes beyond the plain cached loop is Lightning's own loop, not transfer's."""
-    model = plain_model(spec)
-    head, model.fc = model.fc, nn.Identity()
-    preprocess = PlainPreprocess(spec, device)
-    train = plain_loader(SyntheticImages(spec["images"]), spec, shuffle=True)
-    val = plain_loader(SyntheticImages(val_count(spec), seed=1), spec, shuffle=False)
+    parts = _PlainParts(spec, device)
     fit = trainer(device, spec["precision"], [], max_epochs=spec["epochs"], limit_val_batches=1.0)
     with PeakMemory(device) as memory:
         start, cpu_start = time.perf_counter(), time.process_time()
-        backbone = model.to(device).to(memory_format=preprocess.layout).eval().requires_grad_(False)
-
-        def features(loader):
-            for batch in loader:
-                images, labels = to_device(batch, device)
-                with torch.no_grad(), autocast(device, spec["precision"]):
-                    feats = backbone(preprocess(images, augment=False))
-                yield feats, labels
-
-        cached = [_Cached(features(loader), spec["batch_size"]) for loader in (train, val)]
-        fit.fit(_HeadOnly(head), _Epochs(cached[0], shuffle=True), _Epochs(cached[1], shuffle=False))
+        parts.frozen()
+        train, val = parts.cached()
+        fit.fit(_HeadOnly(parts.head), _Epochs(train, shuffle=True), _Epochs(val, shuffle=False))
         synchronize(device)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"seconds": seconds, "seconds_cpu": cpu_seconds, "memory": memory.report()}

@@ -92,7 +92,7 @@ class DecodedBudget:
 
     def release(self, decoded: DecodedImages) -> None:
         """Give back the bytes `decoded` took (it is dropped and made again)."""
-        self.left += decoded.capacity * 3 * decoded.preprocessing.crop_size**2
+        self.left += decoded.images.nbytes
 
 
 def notice(split: str, count: int, capacity: int, per_image: int, limit_gb: float, memory_bound: bool) -> str:

@@ -12,7 +12,7 @@ from transfer_cli.data.base import seeded_split
 from transfer_cli.data.decoded_cache import DecodedBudget, DecodedImages, check_limit
 from transfer_cli.data.device_decode import EncodedImages, collate_encoded, decode_on_device
 from transfer_cli.data.image_ops import IMAGE_SUFFIXES, find_images, image_problem
-from transfer_cli.data.images import ImageDataModule, ImageFiles, ThreadDecoded
+from transfer_cli.data.images import ImageDataModule, ImageFiles
 from transfer_cli.errors import ConfigError, DataError
 
 
@@ -204,10 +204,8 @@ class ImageFolderDataModule(ImageDataModule):
         if self.decode_on == "device":
             encoded = EncodedImages(self._decoded_once(split), split)
             return self._loader(encoded, shuffle=split == "train", collate_fn=collate_encoded)
-        if self._decode_in_process():
-            threaded = ThreadDecoded(self._decoded_once(split), self.num_workers)
-            return self._loader(threaded, shuffle=split == "train", in_process=True)
-        return self._loader(self._decoded_once(split), shuffle=split == "train")
+        in_process = self._decode_in_process()
+        return self._loader(self._decoded_once(split), shuffle=split == "train", in_process=in_process)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "encoded" in batch:

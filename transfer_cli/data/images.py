@@ -203,8 +203,11 @@ class ImageDataModule(TransferDataModule):
     def _loader(
         self, dataset: Dataset, shuffle: bool, collate_fn: Any = None, sampler: Any = None, in_process: bool = False
     ) -> DataLoader:
-        # No more workers than batches: starting processes costs more than a batch or two of images.
-        workers = 0 if in_process else max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
+        """`in_process`: the dataset's files are decoded on num_workers threads of this process (ThreadDecoded)."""
+        if in_process:
+            dataset, workers = ThreadDecoded(dataset, self.num_workers), 0
+        else:  # no more workers than batches: starting processes costs more than a batch or two of images
+            workers = max(0, min(self.num_workers, -(-len(dataset) // self.batch_size) - 1))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -226,12 +229,9 @@ class ImageDataModule(TransferDataModule):
         paths = list_image_inputs(self.predict_input)
         rank, world_size = predict_rank(self.trainer)
         files = ImageFiles(paths, self.preprocessing)
-        if self._decode_in_process():
-            files = ThreadDecoded(files, self.num_workers)
-            shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
-            return DataLoader(files, batch_size=self.batch_size, sampler=shard, collate_fn=collate_predict)
         shard = PredictShard(files, self.batch_size, rank, world_size) if world_size > 1 else None
-        return self._loader(files, shuffle=False, collate_fn=collate_predict, sampler=shard)
+        in_process = self._decode_in_process()
+        return self._loader(files, shuffle=False, collate_fn=collate_predict, sampler=shard, in_process=in_process)
 
     def _decode_in_process(self) -> bool:
         """Threads in this process rather than worker processes: for a model on the CPU, unless the
